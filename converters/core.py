@@ -1,0 +1,201 @@
+"""Rule-driven conversion of upstream (PyTorch) tensors into a model's flat parameter dict.
+
+A converter is a list of `Rule`s. Each rule maps one upstream key pattern to one parameter path of the
+Flax module, with a layout transform. `{i}` in a pattern is a layer index: those parameters are stacked
+on a leading layer axis, as the scanned modules hold them.
+
+`convert_tensors` checks the whole key set BEFORE reading any data — missing keys, unexpected keys and
+mis-shaped tensors are reported together, each with the shape that was expected — then streams
+tensors one at a time into preallocated (stacked) buffers of the target dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wm_jax.io.safetensors_io import CheckpointError
+from wm_jax.io.tensor_sources import Source
+
+Shape = tuple[int, ...]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout transforms: torch layout -> Flax layout, with the inverse shape map for up-front checks.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transform:
+    """`apply(torch_array) -> flax_array`; `source_shape(flax_shape) -> torch_shape` (None: not derivable)."""
+
+    name: str
+    apply: Callable[[np.ndarray], np.ndarray]
+    source_shape: Callable[[Shape], Shape | None]
+
+
+IDENTITY = Transform("identity", lambda a: a, lambda s: s)
+# nn.Linear weight [out, in] -> Dense kernel [in, out].
+LINEAR = Transform("linear", lambda a: a.T, lambda s: tuple(reversed(s)))
+# A leading singleton axis dropped ([1, 6, D] modulation -> [6, D]).
+SQUEEZE_LEADING = Transform("squeeze_leading", lambda a: a.reshape(a.shape[1:]), lambda s: (1, *s))
+# Conv3d OIDHW -> DHWIO; Conv2d OIHW -> HWIO.
+CONV3D = Transform("conv3d", lambda a: a.transpose(2, 3, 4, 1, 0), lambda s: (s[4], s[3], s[0], s[1], s[2]))
+CONV2D = Transform("conv2d", lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1]))
+
+
+def patch_conv_as_dense(patch: tuple[int, int, int]) -> Transform:
+    """Conv3d with kernel == stride == `patch`, [D, C, pt, ph, pw] -> Dense kernel [C*pt*ph*pw, D].
+
+    The Dense input features are ordered (c, pt, ph, pw), c slowest — the order `patchify` produces.
+    """
+    pt, ph, pw = patch
+
+    def source_shape(s: Shape) -> Shape:
+        return (s[1], s[0] // (pt * ph * pw), pt, ph, pw)
+
+    return Transform("patch_conv_as_dense", lambda a: a.reshape(a.shape[0], -1).T, source_shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rules.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    source: str  # upstream key pattern, e.g. "blocks.{i}.self_attn.q.weight"
+    target: str  # flat parameter path, e.g. "blocks/self_attn/q/kernel"
+    transform: Transform = IDENTITY
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.source
+
+    def regex(self) -> re.Pattern:
+        return re.compile(re.escape(self.source).replace(re.escape("{i}"), r"(\d+)") + r"\Z")
+
+    def key(self, layer: int | None = None) -> str:
+        return self.source.replace("{i}", str(layer)) if layer is not None else self.source
+
+
+def linear_rules(source_prefix: str, target_prefix: str, bias: bool = True) -> list[Rule]:
+    """nn.Linear `<prefix>.weight/.bias` -> Dense `<target>/kernel`, `<target>/bias`."""
+    rules = [Rule(f"{source_prefix}.weight", f"{target_prefix}/kernel", LINEAR)]
+    if bias:
+        rules.append(Rule(f"{source_prefix}.bias", f"{target_prefix}/bias"))
+    return rules
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion consumed; `ignored` lists keys dropped on purpose (e.g. buffers)."""
+
+    source: str
+    num_tensors: int = 0
+    num_bytes_read: int = 0
+    ignored: list[str] = field(default_factory=list)
+
+
+def _describe(items: Sequence[str], limit: int = 25) -> str:
+    shown = "\n  ".join(items[:limit])
+    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "\n  " + shown + more
+
+
+def plan_conversion(source: Source, rules: Sequence[Rule], expected: Mapping[str, tuple[Shape, np.dtype]],
+                    ignore: Sequence[str] = ()) -> tuple[dict[str, tuple[Rule, int | None]], list[str]]:
+    """Matches every source key to a rule and checks shapes; raises CheckpointError listing all problems.
+
+    Args:
+      source: upstream tensors.
+      rules: the converter's rules. Rules whose target is not in `expected` do not apply (optional parts
+        of the architecture that this config does not have); their keys count as unexpected.
+      expected: flat parameter path -> (shape, dtype) of the target module; stacked paths include the
+        leading layer axis.
+      ignore: regexes of source keys that are dropped on purpose.
+
+    Returns:
+      (source key -> (rule, layer or None)), and the list of ignored keys.
+    """
+    active = [r for r in rules if r.target in expected]
+    covered = {r.target for r in active}
+    uncovered = sorted(set(expected) - covered)
+    if uncovered:
+        raise AssertionError(f"converter has no rule for model parameters {uncovered}")
+    patterns = [(r.regex(), r) for r in active]
+    ignore_res = [re.compile(p) for p in ignore]
+    plan: dict[str, tuple[Rule, int | None]] = {}
+    unexpected, ignored, misshaped = [], [], []
+    for key in source.keys():
+        for rx, rule in patterns:
+            m = rx.match(key)
+            if m:
+                layer = int(m.group(1)) if rule.stacked else None
+                plan[key] = (rule, layer)
+                break
+        else:
+            if any(rx.match(key) for rx in ignore_res):
+                ignored.append(key)
+            else:
+                unexpected.append(f"{key} {list(source.shape(key))}")
+    missing = []
+    for rule in active:
+        shape, _ = expected[rule.target]
+        layers = range(shape[0]) if rule.stacked else [None]
+        want = rule.transform.source_shape(shape[1:] if rule.stacked else shape)
+        for layer in layers:
+            key = rule.key(layer)
+            if key not in plan:
+                missing.append(f"{key} (expected shape {list(want) if want else '?'})")
+            elif want is not None and tuple(source.shape(key)) != tuple(want):
+                misshaped.append(f"{key}: got {list(source.shape(key))}, expected {list(want)}")
+    for key, (rule, layer) in plan.items():
+        if rule.stacked and layer >= expected[rule.target][0][0]:
+            unexpected.append(f"{key} (layer {layer}, but the model has {expected[rule.target][0][0]} layers)")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s):" + _describe(missing))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (no rule maps them):" + _describe(sorted(unexpected)))
+    if misshaped:
+        problems.append(f"{len(misshaped)} mis-shaped tensor(s):" + _describe(misshaped))
+    if problems:
+        raise CheckpointError(f"{source.description}: checkpoint does not match the model config:\n"
+                              + "\n".join(problems))
+    return plan, ignored
+
+
+def convert_tensors(source: Source, rules: Sequence[Rule], expected: Mapping[str, tuple[Shape, np.dtype]],
+                    ignore: Sequence[str] = (), on_tensor: Callable[[str], None] | None = None,
+                    ) -> tuple[dict[str, np.ndarray], ConversionReport]:
+    """Streams `source` through `rules` into flat arrays shaped and typed as `expected`.
+
+    Peak memory is the output buffers plus one tensor (and its transformed copy).
+    """
+    plan, ignored = plan_conversion(source, rules, expected, ignore)
+    out: dict[str, np.ndarray] = {}
+    report = ConversionReport(source.description, ignored=ignored)
+    for key in plan:
+        rule, layer = plan[key]
+        shape, dtype = expected[rule.target]
+        value = rule.transform.apply(source.read(key))
+        want = shape[1:] if rule.stacked else shape
+        if tuple(value.shape) != tuple(want):
+            raise CheckpointError(f"{source.description}: {key} becomes {list(value.shape)} after "
+                                  f"{rule.transform.name}, expected {list(want)}")
+        if rule.target not in out:
+            out[rule.target] = np.empty(shape, dtype)  # pages are only touched as layers arrive
+        if rule.stacked:
+            out[rule.target][layer] = value
+        else:
+            out[rule.target][...] = value
+        report.num_tensors += 1
+        report.num_bytes_read += value.nbytes
+        del value
+        if on_tensor is not None:
+            on_tensor(key)
+    return out, report

@@ -1,0 +1,277 @@
+"""Wan DiT checkpoints -> `wm_jax.models.wan.WanModel`.
+
+Accepted layouts (all normalised to the ORIGINAL Wan key names first, then mapped by one rule table):
+  * original Wan / LingBot layout: `diffusion_pytorch_model.safetensors`, or shards + `*.index.json`;
+  * diffusers layout (`WanTransformer3DModel`, e.g. `Wan-AI/*-Diffusers`);
+  * Self-Forcing / CausVid / Causal-Forcing: keys prefixed `model.` (also `net.`, `_fsdp_wrapped_module.`),
+    `generator_ema` preferred over `generator`, `critic` dropped; `.pt` only with allow_pickle.
+Expert folders (`high_noise_model/` + `low_noise_model/`) are converted by `convert_experts`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters.core import SQUEEZE_LEADING, Rule, convert_tensors, linear_rules, patch_conv_as_dense
+from wm_jax.io import checkpoint as ckpt
+from wm_jax.io.safetensors_io import CheckpointError
+from wm_jax.io.tensor_sources import RenamedSource, Source
+from wm_jax.models.config import PATCH_SIZE, WanConfig, infer_config
+from wm_jax.models.wan import WanModel
+
+KIND = "wan_dit"
+
+
+def _block(src: str, dst: str) -> list[Rule]:
+    return linear_rules(f"blocks.{{i}}.{src}", f"blocks/{dst}")
+
+
+def _attention(src: str, dst: str, extra: tuple[str, ...] = ()) -> list[Rule]:
+    rules = []
+    for name in ("q", "k", "v", "o", *extra):
+        rules += _block(f"{src}.{name}", f"{dst}/{name}")
+    for norm in ("norm_q", "norm_k") + (("norm_k_img",) if extra else ()):
+        rules.append(Rule(f"blocks.{{i}}.{src}.{norm}.weight", f"blocks/{dst}/{norm}/scale"))
+    return rules
+
+
+# Every key of an original-layout checkpoint and where it goes. Rules whose target the config lacks
+# (image, camera) do not apply; their keys then count as unexpected.
+RULES: list[Rule] = [
+    Rule("patch_embedding.weight", "patch_embed/kernel", patch_conv_as_dense(PATCH_SIZE)),
+    Rule("patch_embedding.bias", "patch_embed/bias"),
+    *linear_rules("text_embedding.0", "text_fc1"),
+    *linear_rules("text_embedding.2", "text_fc2"),
+    *linear_rules("time_embedding.0", "time_fc1"),
+    *linear_rules("time_embedding.2", "time_fc2"),
+    *linear_rules("time_projection.1", "time_proj"),
+    # Wan2.1 I2V / FLF2V CLIP image tokens.
+    Rule("img_emb.proj.0.weight", "image_embed/norm_in/scale"),
+    Rule("img_emb.proj.0.bias", "image_embed/norm_in/bias"),
+    *linear_rules("img_emb.proj.1", "image_embed/fc1"),
+    *linear_rules("img_emb.proj.3", "image_embed/fc2"),
+    Rule("img_emb.proj.4.weight", "image_embed/norm_out/scale"),
+    Rule("img_emb.proj.4.bias", "image_embed/norm_out/bias"),
+    Rule("img_emb.emb_pos", "image_embed/pos", SQUEEZE_LEADING),
+    # LingBot camera embedding.
+    *linear_rules("patch_embedding_wancamctrl", "camera_embed/patch"),
+    *linear_rules("c2ws_hidden_states_layer1", "camera_embed/fc1"),
+    *linear_rules("c2ws_hidden_states_layer2", "camera_embed/fc2"),
+    # Blocks (stacked on a leading layer axis).
+    Rule("blocks.{i}.modulation", "blocks/modulation", SQUEEZE_LEADING),
+    *_attention("self_attn", "self_attn"),
+    Rule("blocks.{i}.norm3.weight", "blocks/norm3/scale"),
+    Rule("blocks.{i}.norm3.bias", "blocks/norm3/bias"),
+    *_attention("cross_attn", "cross_attn"),
+    *_block("cross_attn.k_img", "cross_attn/k_img"),
+    *_block("cross_attn.v_img", "cross_attn/v_img"),
+    Rule("blocks.{i}.cross_attn.norm_k_img.weight", "blocks/cross_attn/norm_k_img/scale"),
+    *_block("ffn.0", "ffn/fc1"),
+    *_block("ffn.2", "ffn/fc2"),
+    *_block("cam_injector_layer1", "camera/fc1"),
+    *_block("cam_injector_layer2", "camera/fc2"),
+    *_block("cam_scale_layer", "camera/scale"),
+    *_block("cam_shift_layer", "camera/shift"),
+    Rule("head.modulation", "head/modulation", SQUEEZE_LEADING),
+    *linear_rules("head.head", "head/linear"),
+]
+
+# Buffers some exporters include; they carry no learned values.
+IGNORED = (r"freqs\Z",)
+
+# Parameters kept in float32 whatever the storage dtype: modulation tables and norm weights.
+_FP32_PARAM = re.compile(r"(modulation|norm_[a-z_]+/scale|norm3/(scale|bias)|norm_(in|out)/(scale|bias))\Z")
+
+# ---------------------------------------------------------------------------------------------------
+# Key-space normalisation: diffusers and Self-Forcing names -> original Wan names.
+# ---------------------------------------------------------------------------------------------------
+
+_DIFFUSERS_TO_ORIGINAL = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"\.scale_shift_table$", ".modulation"),
+    (r"\.attn1\.", ".self_attn."),
+    (r"\.attn2\.", ".cross_attn."),
+    (r"\.to_out\.0\.", ".o."),
+    (r"\.to_([qkv])\.", r".\1."),
+    (r"\.add_k_proj\.", ".k_img."),
+    (r"\.add_v_proj\.", ".v_img."),
+    (r"\.norm_added_k\.", ".norm_k_img."),
+    (r"\.ffn\.net\.0\.proj\.", ".ffn.0."),
+    (r"\.ffn\.net\.2\.", ".ffn.2."),
+    # diffusers' block norm2 is the affine cross-attention norm, i.e. original norm3.
+    (r"(blocks\.\d+)\.norm2\.", r"\1.norm3."),
+]
+
+
+def diffusers_to_original(key: str) -> str:
+    for pattern, repl in _DIFFUSERS_TO_ORIGINAL:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "net.", "model.", "diffusion_model.")
+_TRAINING_ENTRIES = ("generator_ema.", "generator.", "critic.")
+
+
+def layout_of(keys: set[str]) -> str:
+    """'original', 'diffusers' or 'prefixed' (Self-Forcing style), from the key names."""
+    if any(k.startswith("condition_embedder.") or ".attn1." in k for k in keys):
+        return "diffusers"
+    if "patch_embedding.weight" in keys:
+        return "original"
+    if any(k.endswith("patch_embedding.weight") for k in keys):
+        return "prefixed"
+    return "unknown"
+
+
+def matches(keys: set[str]) -> bool:
+    return layout_of(keys) != "unknown"
+
+
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def normalize_source(source: Source) -> Source:
+    """A view of `source` under original Wan key names, whatever its layout."""
+    keys = set(source.keys())
+    layout = layout_of(keys)
+    if layout == "original":
+        return source
+    if layout == "diffusers":
+        return RenamedSource(source, diffusers_to_original, f"{source.description} (diffusers layout)")
+    if layout == "prefixed":
+        entries = [e for e in _TRAINING_ENTRIES[:2] if any(k.startswith(e) for k in keys)]
+        keep = entries[0] if entries else None  # generator_ema wins over generator
+
+        def rename(key: str) -> str | None:
+            if keep is not None:
+                if not key.startswith(keep):
+                    return None  # the other generator copy, critic weights
+                key = key[len(keep):]
+            elif key.startswith("critic."):
+                return None
+            return _strip_wrappers(key)
+
+        return RenamedSource(source, rename, f"{source.description} ({keep or 'model.'}-prefixed)")
+    raise CheckpointError(f"{source.description}: not a Wan DiT checkpoint (no patch_embedding.weight in any "
+                          f"known layout; first keys {sorted(keys)[:6]})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config + conversion.
+# ---------------------------------------------------------------------------------------------------
+
+
+def storage_dtype(source: Source) -> str:
+    """The dtype the checkpoint stores its Linear weights in (read from the first block's FFN)."""
+    dtype = np.dtype(source.read("blocks.0.ffn.0.bias").dtype)
+    return "bfloat16" if dtype.name == "bfloat16" else dtype.name
+
+
+def config_for(source: Source, overrides: Mapping[str, Any] | None = None, dtype: str | None = None) -> WanConfig:
+    """Infers the config from tensor shapes of a normalised source; `overrides` win."""
+    shapes = {k: source.shape(k) for k in source.keys()}
+    fields = dict(overrides or {})
+    fields.setdefault("param_dtype", dtype or storage_dtype(source))
+    return infer_config(shapes, **fields)
+
+
+def expected_params(cfg: WanConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Flat path -> (shape, storage dtype) of a WanModel for `cfg` (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0)))
+    spec = ckpt.param_spec(abstract)
+    return {k: (shape, np.dtype(np.float32) if _FP32_PARAM.search(k) else np.dtype(jnp.dtype(cfg.param_dtype)))
+            for k, (shape, _) in spec.items()}
+
+
+def convert_arrays(source: Source, cfg: WanConfig, on_tensor=None):
+    """Normalised source + config -> (flat numpy params, report)."""
+    return convert_tensors(source, RULES, expected_params(cfg), ignore=IGNORED, on_tensor=on_tensor)
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    """Architecture overrides from a `config.json` beside the weights (original or diffusers style)."""
+    folder = path if path.is_dir() else path.parent
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        return {}
+    data = json.loads(cfg_file.read_text())
+    out = {}
+    if "num_heads" in data:
+        out["num_heads"] = int(data["num_heads"])
+    elif "num_attention_heads" in data:
+        out["num_heads"] = int(data["num_attention_heads"])
+    if "eps" in data:
+        out["eps"] = float(data["eps"])
+    if "text_len" in data:
+        out["text_len"] = int(data["text_len"])
+    return out
+
+
+def convert(source: Source, dst: str | Path, *, overwrite: bool = False, dtype: str | None = None,
+            config_overrides: Mapping[str, Any] | None = None, source_path: str | Path | None = None,
+            on_tensor=None) -> dict[str, Any]:
+    """Converts one DiT checkpoint into a wm_jax folder (orbax params + wm_jax.json); returns the manifest."""
+    ckpt.check_destination(dst, overwrite)
+    source = normalize_source(source)
+    overrides = {**(_read_config_json(Path(source_path)) if source_path else {}), **(config_overrides or {})}
+    cfg = config_for(source, overrides, dtype)
+    with ckpt.atomic_folder(dst, overwrite) as tmp:
+        flat, report = convert_arrays(source, cfg, on_tensor)
+        ckpt.write_params(tmp, flat)
+        del flat
+        manifest = {"kind": KIND, "config": cfg.to_dict(), "source": report.source,
+                    "num_tensors": report.num_tensors, "ignored_keys": report.ignored}
+        ckpt.write_manifest(tmp, manifest)
+    return manifest
+
+
+def load(folder: str | Path, *, compute_dtype=jnp.float32, attention_impl: str = "auto",
+         shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> WanModel:
+    """Loads a converted folder into a WanModel (params restored straight into their final placement)."""
+    manifest = ckpt.read_manifest(folder)
+    if manifest.get("kind") != KIND:
+        raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint, not a Wan DiT")
+    cfg = WanConfig.from_dict(manifest["config"])
+    model = nnx.eval_shape(lambda: WanModel(cfg, compute_dtype=compute_dtype, attention_impl=attention_impl))
+    arrays = ckpt.restore_params(folder, expected_params(cfg), shardings)
+    ckpt.assign_params(model, arrays, put=lambda name, value: value)
+    return model
+
+
+def load_source(source: Source, *, compute_dtype=jnp.float32, attention_impl: str = "auto",
+                dtype: str | None = None, **config_overrides) -> WanModel:
+    """In-memory load straight from upstream tensors (small models; no converted folder)."""
+    source = normalize_source(source)
+    cfg = config_for(source, config_overrides, dtype)
+    flat, _ = convert_arrays(source, cfg)
+    model = nnx.eval_shape(lambda: WanModel(cfg, compute_dtype=compute_dtype, attention_impl=attention_impl))
+    ckpt.assign_params(model, flat)
+    return model

@@ -1,0 +1,173 @@
+"""Converted-checkpoint folders: orbax parameter tree + `wm_jax.json` (what the model is).
+
+Layout of a converted folder:
+
+    DST/wm_jax.json   {"format": 1, "kind": "wan_dit" | ..., "config": {...}, "source": ..., ...}
+    DST/params/       orbax StandardCheckpointer tree, nested dicts keyed like the module's attributes
+
+A folder is written under a temporary name beside DST and renamed into place only when complete, so an
+interrupted conversion never leaves a partial DST.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from wm_jax.io.safetensors_io import CheckpointError
+
+FORMAT_VERSION = 1
+MANIFEST = "wm_jax.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Module <-> flat parameter dict.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def param_spec(module: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Flat path ('blocks/self_attn/q/kernel') -> (shape, dtype) of every nnx.Param of `module`.
+
+    Works on abstract modules from `nnx.eval_shape`, so nothing is allocated.
+    """
+    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    return {_path_str(p): (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for p, v in flat}
+
+
+def assign_params(module: nnx.Module, arrays: Mapping[str, Any],
+                  put: Callable[[str, Any], jax.Array] | None = None) -> None:
+    """Replaces every nnx.Param of `module` by `arrays[path]` (placed with `put`, default device_put)."""
+    state = nnx.state(module, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    spec = param_spec(module)
+    missing = sorted(set(spec) - set(arrays))
+    extra = sorted(set(arrays) - set(spec))
+    if missing or extra:
+        raise CheckpointError(f"parameter set does not match the module: missing {missing[:10]}, extra {extra[:10]}")
+    new = []
+    for p, v in flat:
+        name = _path_str(p)
+        value = arrays[name]
+        if tuple(value.shape) != spec[name][0]:
+            raise CheckpointError(f"parameter {name}: shape {tuple(value.shape)}, module expects {spec[name][0]}")
+        new.append((p, v.replace(put(name, value) if put else jax.device_put(value))))
+    nnx.update(module, nnx.from_flat_state(new))
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, Mapping):
+            out.update(flatten(v, name))
+        else:
+            out[name] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Atomic destination folders.
+# ---------------------------------------------------------------------------------------------------
+
+
+def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuses an existing destination unless `overwrite`; checks the parent is writable."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst}: destination exists; pass --overwrite to replace it")
+    parent = dst.parent if str(dst.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"{parent}: not writable")
+    return dst
+
+
+@contextmanager
+def atomic_folder(dst: str | os.PathLike, overwrite: bool = False):
+    """Yields a temporary folder beside `dst`; on success it replaces `dst`, on any error it is deleted."""
+    dst = check_destination(dst, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Orbax save / restore.
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_params(folder: Path, flat: Mapping[str, np.ndarray]) -> None:
+    """Saves flat numpy arrays as an orbax tree under `folder/params`."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(folder.absolute() / "params", nest(flat))
+        ckptr.wait_until_finished()
+
+
+def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
+    data = {"format": FORMAT_VERSION, **manifest}
+    (folder / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a converted wm_jax checkpoint (no {MANIFEST}); "
+                              "run `wm-jax convert --src ... --dst ...` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {manifest.get('format')}, this wm_jax reads {FORMAT_VERSION}")
+    return manifest
+
+
+def restore_params(folder: str | os.PathLike, spec: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                   shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> dict[str, jax.Array]:
+    """Restores `folder/params` into arrays shaped/typed as `spec` (optionally sharded per path)."""
+    import orbax.checkpoint as ocp
+
+    def target(name, shape_dtype):
+        sharding = shardings.get(name) if shardings else None
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.ShapeDtypeStruct(shape_dtype[0], shape_dtype[1], sharding=sharding)
+
+    abstract = nest({name: target(name, sd) for name, sd in spec.items()})
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(Path(folder).absolute() / "params", abstract)
+    return flatten(tree)

@@ -1,0 +1,55 @@
+"""The one attention entry point of the model.
+
+Every attention in wm_jax (self, cross, chunk-vs-cache) calls `attention`; kernels are swapped here,
+never in the model. Layout is BTNH: q `[B, Tq, N, d]`, k/v `[B, Tk, N, d]` -> `[B, Tq, N, d]`.
+Semantics: softmax(q kᵀ / √d) v over all keys, no mask, except that keys at positions
+`>= kv_valid_length[b]` are ignored (the unfilled tail of a fixed-size KV cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
+                        kv_valid_length: jax.Array | None = None) -> jax.Array:
+    """Plain XLA attention: logits and softmax in float32, output in q's dtype."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+    if kv_valid_length is not None:
+        key_pos = jnp.arange(k.shape[1])
+        valid = key_pos[None, :] < kv_valid_length[:, None]  # [B, Tk]
+        logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+def _cudnn_usable(q: jax.Array) -> bool:
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.Array | None = None,
+              implementation: str = "auto") -> jax.Array:
+    """Multi-head attention, BTNH layout, optional per-batch valid key length `[B]` (int32).
+
+    implementation: "xla" (reference, any dtype/backend), "cudnn" (`jax.nn.dot_product_attention` fused
+    kernel; GPU, bf16/fp16 only; the valid length goes through `key_value_seq_lengths`, never a dense
+    mask), or "auto" (cuDNN where usable, else XLA).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        implementation = "cudnn" if _cudnn_usable(q) else "xla"
+    if implementation == "xla":
+        return attention_reference(q, k, v, kv_valid_length)
+    if kv_valid_length is not None:
+        kv_valid_length = kv_valid_length.astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=kv_valid_length, implementation="cudnn")
