@@ -275,3 +275,57 @@ def load_source(source: Source, *, compute_dtype=jnp.float32, attention_impl: st
     model = nnx.eval_shape(lambda: WanModel(cfg, compute_dtype=compute_dtype, attention_impl=attention_impl))
     ckpt.assign_params(model, flat)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two-expert folders (Wan2.2 A14B, LingBot base): high_noise_model/ + low_noise_model/.
+# ---------------------------------------------------------------------------------------------------
+
+EXPERTS_KIND = "wan_dit_experts"
+EXPERT_DIRS = ("high_noise_model", "low_noise_model")
+
+
+def is_expert_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and all((path / d).is_dir() for d in EXPERT_DIRS)
+
+
+def default_boundary(cfg: WanConfig) -> float:
+    """SPEC boundaries: LingBot base 0.947 (camera layers), Wan2.2 I2V 0.900 (in 36), T2V 0.875."""
+    if cfg.camera_channels:
+        return 0.947
+    return 0.900 if cfg.in_dim == 36 else 0.875
+
+
+def convert_experts(src: str | Path, dst: str | Path, *, open_fn, overwrite: bool = False,
+                    dtype: str | None = None, config_overrides: Mapping[str, Any] | None = None,
+                    boundary: float | None = None, on_tensor=None) -> dict[str, Any]:
+    """Converts both experts under one atomic destination: DST/{high,low}_noise_model + DST/wm_jax.json."""
+    src = Path(src)
+    ckpt.check_destination(dst, overwrite)
+    with ckpt.atomic_folder(dst, overwrite) as tmp:
+        configs = {}
+        for name in EXPERT_DIRS:
+            manifest = convert(open_fn(src / name), tmp / name, dtype=dtype, config_overrides=config_overrides,
+                               source_path=src / name, on_tensor=on_tensor)
+            configs[name] = manifest["config"]
+        if configs[EXPERT_DIRS[0]] != configs[EXPERT_DIRS[1]]:
+            raise CheckpointError(f"{src}: the two experts have different configs: {configs}")
+        cfg = WanConfig.from_dict(configs[EXPERT_DIRS[0]])
+        manifest = {"kind": EXPERTS_KIND, "config": cfg.to_dict(), "source": str(src),
+                    "boundary": boundary if boundary is not None else default_boundary(cfg),
+                    "experts": list(EXPERT_DIRS)}
+        ckpt.write_manifest(tmp, manifest)
+    return manifest
+
+
+def load_experts(folder: str | Path, **load_kwargs):
+    """Loads a converted expert pair as `ExpertPair` (high-noise expert while t >= boundary·1000)."""
+    from wm_jax.models.wan import ExpertPair
+
+    manifest = ckpt.read_manifest(folder)
+    if manifest.get("kind") != EXPERTS_KIND:
+        raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint, not an expert pair")
+    folder = Path(folder)
+    return ExpertPair(high_noise=load(folder / EXPERT_DIRS[0], **load_kwargs),
+                      low_noise=load(folder / EXPERT_DIRS[1], **load_kwargs), boundary=manifest["boundary"])

@@ -1,0 +1,211 @@
+"""`wm-jax` command line: one absl app per command.
+
+    wm-jax convert --src PATH --dst DIR       upstream checkpoint -> converted wm_jax folder
+    wm-jax parity CASE_DIR [--out OUT.npz]    run a golden parity case through our implementation
+
+Each command defines its own flags only when it is chosen, so `wm-jax <command> --help` lists just
+that command's flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+USAGE = """usage: wm-jax <command> [flags]
+
+commands:
+  convert   convert an upstream PyTorch checkpoint (safetensors, sharded, diffusers, Self-Forcing .pt)
+  parity    run a golden parity case folder through wm_jax and compare with upstream outputs
+
+`wm-jax <command> --help` lists the command's flags.
+"""
+
+
+class UsageError(app.UsageError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------
+
+
+def _define_convert_flags():
+    flags.DEFINE_string("src", None, "Checkpoint to convert: a .safetensors file, a *.safetensors.index.json, "
+                        "a folder of shards, a folder with high_noise_model/ + low_noise_model/, or a .pt/.pth "
+                        "(needs --allow_pickle). With --hub_repo: a path inside the downloaded repo.")
+    flags.DEFINE_string("dst", None, "Output folder (created atomically; must not exist unless --overwrite).")
+    flags.DEFINE_string("hub_repo", None, "Download the checkpoint from this Hugging Face repo first "
+                        "(e.g. robbyant/lingbot-world-fast); cached locally.")
+    flags.DEFINE_list("allow_patterns", None, "With --hub_repo: only download files matching these globs "
+                      "(default: *.safetensors, *.json, and --src's folder if given).")
+    flags.DEFINE_string("cache_dir", None, "With --hub_repo: hub cache folder (default: HF_HOME).")
+    flags.DEFINE_enum("kind", "auto", ["auto", "wan_dit", "wan_vae", "wan2_2_vae", "taehv", "umt5"],
+                      "What the checkpoint holds; auto detects it from the key names.")
+    flags.DEFINE_bool("allow_pickle", False, "Allow reading .pt/.pth torch pickles (they can run code when "
+                      "loaded: only for files you trust).")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Storage dtype of the weights "
+                      "(default: as stored in the checkpoint; norm and modulation weights stay float32).")
+    flags.DEFINE_integer("num_heads", None, "Override the inferred attention head count (default dim/128).")
+    flags.DEFINE_multi_string("override", [], "Override an inferred config field, KEY=VALUE (repeatable), "
+                              "e.g. --override eps=1e-6.")
+    flags.DEFINE_float("boundary", None, "Expert pairs: switch to the high-noise expert while t >= "
+                       "boundary*1000 (default from the architecture: 0.875 T2V, 0.900 I2V, 0.947 LingBot).")
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--override {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _convert_main(argv):
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments {argv[1:]}")
+    import converters
+    from converters import wan_dit
+    from wm_jax.io.hub import download
+    from wm_jax.io.tensor_sources import PICKLE_SUFFIXES, open_source
+
+    if not FLAGS.dst:
+        raise UsageError("--dst is required")
+    if not FLAGS.src and not FLAGS.hub_repo:
+        raise UsageError("--src (a local checkpoint) or --hub_repo is required")
+    overrides = _parse_overrides(FLAGS.override)
+    if FLAGS.num_heads:
+        overrides["num_heads"] = FLAGS.num_heads
+    src = Path(FLAGS.src) if FLAGS.src else None
+    if FLAGS.hub_repo:
+        patterns = FLAGS.allow_patterns or (
+            [f"{src}/*"] if src and not src.suffix else [str(src)] if src else ["*.safetensors", "*.json"])
+        root = download(FLAGS.hub_repo, patterns, cache_dir=FLAGS.cache_dir)
+        src = root / src if src else root
+    open_fn = lambda p: open_source(p, allow_pickle=FLAGS.allow_pickle,
+                                    prefer_entries=("generator_ema", "generator"))
+    progress = _Progress()
+    if wan_dit.is_expert_folder(src):
+        manifest = wan_dit.convert_experts(src, FLAGS.dst, open_fn=open_fn, overwrite=FLAGS.overwrite,
+                                           dtype=FLAGS.dtype, config_overrides=overrides,
+                                           boundary=FLAGS.boundary, on_tensor=progress)
+    else:
+        source = open_fn(src)
+        kind = FLAGS.kind if FLAGS.kind != "auto" else converters.detect_kind(set(source.keys()))
+        module = converters.converter(kind)
+        kwargs = dict(overwrite=FLAGS.overwrite, dtype=FLAGS.dtype, config_overrides=overrides)
+        if kind == "wan_dit":
+            kwargs.update(source_path=src if src.suffix not in PICKLE_SUFFIXES else None, on_tensor=progress)
+        manifest = module.convert(source, FLAGS.dst, **kwargs)
+    print(f"converted {src} -> {FLAGS.dst} ({manifest['kind']}, {progress.count} tensors)")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in manifest["config"].items() if v is not None))
+
+
+class _Progress:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, key: str):
+        self.count += 1
+        if self.count % 200 == 0:
+            logging.info("converted %d tensors (last: %s)", self.count, key)
+
+
+# ---------------------------------------------------------------------------------------------------
+# parity
+# ---------------------------------------------------------------------------------------------------
+
+
+def _define_parity_flags():
+    flags.DEFINE_string("out", None, "Write our outputs here (.npz, the golden array names).")
+    flags.DEFINE_float("tolerance", None, "Maximum relative L2 error per array (default 1e-5).")
+
+
+def _parity_main(argv):
+    import numpy as np
+
+    from wm_jax import parity
+
+    if len(argv) != 2:
+        raise UsageError("usage: wm-jax parity CASE_DIR [--out OUT.npz] [--tolerance T]")
+    case_dir = Path(argv[1])
+    tolerance = FLAGS.tolerance if FLAGS.tolerance is not None else parity.DEFAULT_TOLERANCE
+    outputs = parity.run_case(case_dir)
+    if FLAGS.out:
+        out = Path(FLAGS.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial.npz")
+        np.savez(tmp, **outputs)
+        tmp.rename(out)
+        print(f"wrote {out} ({len(outputs)} arrays)")
+    golden_file = case_dir / "outputs.npz"
+    if not golden_file.is_file():
+        print(f"{case_dir}: no outputs.npz, nothing to compare")
+        return 0
+    with np.load(golden_file) as npz:
+        golden = {k: npz[k] for k in npz.files}
+    errors = parity.compare(outputs, golden)
+    width = max(len(k) for k in errors)
+    print(f"{'array':<{width}}  {'shape':<22} rel L2    status")
+    for name, err in errors.items():
+        status = "ok" if err <= tolerance else "FAIL"
+        print(f"{name:<{width}}  {str(list(golden[name].shape)):<22} {err:.2e}  {status}")
+    worst = max(errors.values())
+    print(f"max relative L2 {worst:.2e} (tolerance {tolerance:.0e}): {'PASS' if worst <= tolerance else 'FAIL'}")
+    return 0 if worst <= tolerance else 1
+
+
+COMMAND_ARGS = {"convert": "--src PATH --dst DIR [flags]", "parity": "CASE_DIR [--out OUT.npz] [--tolerance T]"}
+COMMANDS = {
+    "convert": (_define_convert_flags, _convert_main),
+    "parity": (_define_parity_flags, _parity_main),
+}
+
+
+def run():
+    """Console-script entry point."""
+    argv = sys.argv
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        sys.stderr.write(USAGE)
+        sys.exit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help", "help") else 2)
+    command = argv[1]
+    define, main = COMMANDS[command]
+    define()
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[2:]):
+        print(f"usage: wm-jax {command} {COMMAND_ARGS[command]}\n")
+        print(FLAGS.module_help(__name__))
+        sys.exit(0)
+    app.run(_friendly_errors(main), argv=[f"wm-jax {command}", *argv[2:]])
+
+
+def _friendly_errors(main):
+    """Known error types end the program with their message (no traceback) and exit code 1."""
+
+    def wrapped(argv):
+        from wm_jax.io.hub import HubError
+        from wm_jax.io.safetensors_io import CheckpointError
+        from wm_jax.parity import ParityError
+
+        try:
+            return main(argv)
+        except (CheckpointError, HubError, ParityError, ValueError) as err:
+            sys.stderr.write(f"wm-jax: error: {err}\n")
+            sys.exit(1)
+
+    return wrapped
+
+
+if __name__ == "__main__":
+    run()

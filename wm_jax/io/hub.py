@@ -1,0 +1,39 @@
+"""Model-hub downloads (huggingface_hub), with a clear failure when the hub cannot be reached."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class HubError(RuntimeError):
+    pass
+
+
+def download(repo_id: str, allow_patterns: Sequence[str] | None = None, *, cache_dir: str | None = None,
+             revision: str | None = None) -> Path:
+    """Downloads (or finds in the local cache) the files of `repo_id` matching `allow_patterns`.
+
+    Returns the local snapshot folder. Raises HubError naming the repo, the patterns and what to do
+    when the hub is unreachable or the repo/files do not exist.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = list(allow_patterns) if allow_patterns else None
+    try:
+        path = snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir, revision=revision)
+    except Exception as err:  # offline mode, DNS/connection errors, 404s, gated repos: all end here
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        why = "HF_HUB_OFFLINE is set" if offline else f"{type(err).__name__}: {err}"
+        raise HubError(
+            f"cannot download {repo_id} (files {patterns or 'all'}): {why}.\n"
+            f"If this machine is offline, download on a connected machine with\n"
+            f"  huggingface-cli download {repo_id}"
+            + "".join(f" --include '{p}'" for p in patterns or ())
+            + "\nand pass the local folder instead (e.g. --src PATH), or copy it into the hub cache "
+              f"({cache_dir or 'HF_HOME'}).") from None
+    files = [p for p in Path(path).rglob("*") if p.is_file()]
+    if not files:
+        raise HubError(f"{repo_id}: no files match {patterns}")
+    return Path(path)
