@@ -4,15 +4,16 @@ A converter is a list of `Rule`s. Each rule maps one upstream key pattern to one
 Flax module, with a layout transform. `{i}` in a pattern is a layer index: those parameters are stacked
 on a leading layer axis, as the scanned modules hold them.
 
-`convert_tensors` checks the whole key set BEFORE reading any data — missing keys, unexpected keys and
-mis-shaped tensors are reported together, each with the shape that was expected — then streams
-tensors one at a time into preallocated (stacked) buffers of the target dtype.
+`iter_converted` checks the whole key set BEFORE reading any data — missing keys, unexpected keys and
+mis-shaped tensors are reported together, each with the shape that was expected — then yields one
+finished parameter at a time (a stacked parameter gathered from all its layers), so a converter can
+write each one out and free it.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -169,33 +170,50 @@ def plan_conversion(source: Source, rules: Sequence[Rule], expected: Mapping[str
     return plan, ignored
 
 
+def iter_converted(source: Source, rules: Sequence[Rule], expected: Mapping[str, tuple[Shape, np.dtype]],
+                   ignore: Sequence[str] = (), on_tensor: Callable[[str], None] | None = None,
+                   report: ConversionReport | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (parameter path, array shaped/typed as `expected`) one parameter at a time.
+
+    A stacked parameter is assembled from its per-layer tensors (wherever they are stored) before it
+    is yielded, so memory holds one parameter plus one tensor, never the whole model. The whole key
+    set is checked before the first read (`plan_conversion`).
+    """
+    plan, ignored = plan_conversion(source, rules, expected, ignore)
+    if report is not None:
+        report.ignored = ignored
+    by_target: dict[str, list[tuple[str, int | None]]] = {}
+    for key, (rule, layer) in plan.items():
+        by_target.setdefault(rule.target, []).append((key, layer))
+    rule_of = {rule.target: rule for rule, _ in plan.values()}
+    for target, keys in by_target.items():
+        rule = rule_of[target]
+        shape, dtype = expected[target]
+        out = np.empty(shape, dtype)
+        for key, layer in keys:
+            value = rule.transform.apply(source.read(key))
+            want = shape[1:] if rule.stacked else shape
+            if tuple(value.shape) != tuple(want):
+                raise CheckpointError(f"{source.description}: {key} becomes {list(value.shape)} after "
+                                      f"{rule.transform.name}, expected {list(want)}")
+            if rule.stacked:
+                out[layer] = value
+            else:
+                out[...] = value
+            if report is not None:
+                report.num_tensors += 1
+                report.num_bytes_read += value.nbytes
+            del value
+            if on_tensor is not None:
+                on_tensor(key)
+        yield target, out
+        del out
+
+
 def convert_tensors(source: Source, rules: Sequence[Rule], expected: Mapping[str, tuple[Shape, np.dtype]],
                     ignore: Sequence[str] = (), on_tensor: Callable[[str], None] | None = None,
                     ) -> tuple[dict[str, np.ndarray], ConversionReport]:
-    """Streams `source` through `rules` into flat arrays shaped and typed as `expected`.
-
-    Peak memory is the output buffers plus one tensor (and its transformed copy).
-    """
-    plan, ignored = plan_conversion(source, rules, expected, ignore)
-    out: dict[str, np.ndarray] = {}
-    report = ConversionReport(source.description, ignored=ignored)
-    for key in plan:
-        rule, layer = plan[key]
-        shape, dtype = expected[rule.target]
-        value = rule.transform.apply(source.read(key))
-        want = shape[1:] if rule.stacked else shape
-        if tuple(value.shape) != tuple(want):
-            raise CheckpointError(f"{source.description}: {key} becomes {list(value.shape)} after "
-                                  f"{rule.transform.name}, expected {list(want)}")
-        if rule.target not in out:
-            out[rule.target] = np.empty(shape, dtype)  # pages are only touched as layers arrive
-        if rule.stacked:
-            out[rule.target][layer] = value
-        else:
-            out[rule.target][...] = value
-        report.num_tensors += 1
-        report.num_bytes_read += value.nbytes
-        del value
-        if on_tensor is not None:
-            on_tensor(key)
+    """All parameters at once, in memory (small models, tests): dict(iter_converted(...)) and its report."""
+    report = ConversionReport(source.description)
+    out = dict(iter_converted(source, rules, expected, ignore, on_tensor, report))
     return out, report

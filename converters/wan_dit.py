@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.core import SQUEEZE_LEADING, Rule, convert_tensors, linear_rules, patch_conv_as_dense
+from converters.core import (SQUEEZE_LEADING, ConversionReport, Rule, convert_tensors, iter_converted, linear_rules,
+                             patch_conv_as_dense)
 from wm_jax.io import checkpoint as ckpt
 from wm_jax.io.safetensors_io import CheckpointError
 from wm_jax.io.tensor_sources import RenamedSource, Source
@@ -244,9 +245,8 @@ def convert(source: Source, dst: str | Path, *, overwrite: bool = False, dtype: 
     overrides = {**(_read_config_json(Path(source_path)) if source_path else {}), **(config_overrides or {})}
     cfg = config_for(source, overrides, dtype)
     with ckpt.atomic_folder(dst, overwrite) as tmp:
-        flat, report = convert_arrays(source, cfg, on_tensor)
-        ckpt.write_params(tmp, flat)
-        del flat
+        report = ConversionReport(source.description)
+        ckpt.write_params(tmp, iter_converted(source, RULES, expected_params(cfg), IGNORED, on_tensor, report))
         manifest = {"kind": KIND, "config": cfg.to_dict(), "source": report.source,
                     "num_tensors": report.num_tensors, "ignored_keys": report.ignored}
         ckpt.write_manifest(tmp, manifest)

@@ -3,7 +3,8 @@
 Layout of a converted folder:
 
     DST/wm_jax.json   {"format": 1, "kind": "wan_dit" | ..., "config": {...}, "source": ..., ...}
-    DST/params/       orbax StandardCheckpointer tree, nested dicts keyed like the module's attributes
+    DST/params/       orbax StandardCheckpointer trees (nested dicts keyed like the module's attributes),
+                      one per group of parameters (group_0000, ...), and groups.json: path -> group
 
 A folder is written under a temporary name beside DST and renamed into place only when complete, so an
 interrupted conversion never leaves a partial DST.
@@ -15,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -131,13 +132,46 @@ def atomic_folder(dst: str | os.PathLike, overwrite: bool = False):
 # ---------------------------------------------------------------------------------------------------
 
 
-def write_params(folder: Path, flat: Mapping[str, np.ndarray]) -> None:
-    """Saves flat numpy arrays as an orbax tree under `folder/params`."""
+GROUP_INDEX = "groups.json"
+DEFAULT_GROUP_BYTES = 1 << 30
+
+
+def write_params(folder: Path, params: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+                 group_bytes: int = DEFAULT_GROUP_BYTES) -> None:
+    """Saves flat arrays under `folder/params` as orbax trees of at most ~`group_bytes` each.
+
+    `params` may be a dict or an iterator of (path, array) (e.g. `converters.core.iter_converted`):
+    arrays are saved and released group by group. Orbax holds about two extra copies of what it is
+    saving, so bounded groups keep host memory near one group (or one parameter) instead of ~3x the
+    model. `params/groups.json` maps every parameter path to its group folder.
+    """
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(folder.absolute() / "params", nest(flat))
-        ckptr.wait_until_finished()
+    root = folder.absolute() / "params"
+    root.mkdir(parents=True)
+    items = params.items() if isinstance(params, Mapping) else params
+    index: dict[str, str] = {}
+    group: dict[str, np.ndarray] = {}
+    size = 0
+
+    def flush():
+        nonlocal group, size
+        if group:
+            name = f"group_{len(set(index.values())):04d}"
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(root / name, nest(group))
+                ckptr.wait_until_finished()
+            index.update({k: name for k in group})
+            group, size = {}, 0
+
+    for name, value in items:
+        if size and size + value.nbytes > group_bytes:
+            flush()
+        group[name] = value
+        size += value.nbytes
+        del value
+    flush()
+    (root / GROUP_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
 def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
@@ -161,13 +195,24 @@ def restore_params(folder: str | os.PathLike, spec: Mapping[str, tuple[tuple[int
     """Restores `folder/params` into arrays shaped/typed as `spec` (optionally sharded per path)."""
     import orbax.checkpoint as ocp
 
-    def target(name, shape_dtype):
-        sharding = shardings.get(name) if shardings else None
-        if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.ShapeDtypeStruct(shape_dtype[0], shape_dtype[1], sharding=sharding)
+    root = Path(folder).absolute() / "params"
+    index_file = root / GROUP_INDEX
+    if not index_file.is_file():
+        raise CheckpointError(f"{folder}: no {index_file.relative_to(Path(folder).absolute())}; incomplete checkpoint")
+    index: dict[str, str] = json.loads(index_file.read_text())
+    missing = sorted(set(spec) - set(index))
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint lacks parameters {missing[:10]} that the model needs")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-    abstract = nest({name: target(name, sd) for name, sd in spec.items()})
+    def target(name):
+        shape, dtype = spec[name]
+        sharding = (shardings or {}).get(name, default)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    out: dict[str, jax.Array] = {}
     with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(Path(folder).absolute() / "params", abstract)
-    return flatten(tree)
+        for group in sorted(set(index[n] for n in spec)):
+            names = [n for n in spec if index[n] == group]
+            out.update(flatten(ckptr.restore(root / group, nest({n: target(n) for n in names}))))
+    return out
