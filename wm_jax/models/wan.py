@@ -101,11 +101,24 @@ class SelfAttention(nnx.Module):
         k = apply_rope(heads(self.norm_k(self.k(x))), *rope)
         return q, k, heads(self.v(x))
 
-    def __call__(self, x: Array, rope: tuple[Array, Array], attention_impl: str) -> Array:
+    def __call__(self, x: Array, rope: tuple[Array, Array], attention_impl: str,
+                 past: PastKV | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """x [B, L, D] -> (output [B, L, D], this call's (k, v) [B, L, N, d] for a KV cache).
+
+        With `past`, the queries also attend to the cached keys/values (already rotated at their
+        absolute positions); only its first `past.valid_length` tokens count.
+        """
         b, length, _ = x.shape
         q, k, v = self.project_qkv(x, rope)
-        out = attention(q, k, v, implementation=attention_impl)
-        return self.o(out.reshape(b, length, -1))
+        if past is None:
+            out = attention(q, k, v, implementation=attention_impl)
+        else:
+            # Own keys first, then the cache: the valid keys form a prefix, as key_value_seq_lengths needs.
+            keys = jnp.concatenate([k, past.k.astype(k.dtype)], axis=1)
+            values = jnp.concatenate([v, past.v.astype(v.dtype)], axis=1)
+            valid = jnp.full((b,), length, jnp.int32) + past.valid_length
+            out = attention(q, keys, values, kv_valid_length=valid, implementation=attention_impl)
+        return self.o(out.reshape(b, length, -1)), (k, v)
 
 
 class CrossAttention(nnx.Module):
@@ -164,6 +177,15 @@ class CameraInjector(nnx.Module):
 
 
 @dataclass(frozen=True)
+class PastKV:
+    """One layer's KV cache as the attention sees it: k, v [B, T_cache, N, d]; valid_length int32 scalar."""
+
+    k: Array
+    v: Array
+    valid_length: Array
+
+
+@dataclass(frozen=True)
 class BlockInputs:
     """Per-forward values shared by every block (closed over by the layer scan).
 
@@ -187,8 +209,12 @@ class WanBlock(nnx.Module):
         self.eps = cfg.eps
         self.mod_dtype = mod_dtype
 
-    def __call__(self, x: Array, ctx_kv: dict[str, Array], inputs: BlockInputs, attention_impl: str) -> Array:
-        """x [B, F, S, D] residual stream (mod dtype) -> same; ctx_kv from `CrossAttention.context_kv`."""
+    def __call__(self, x: Array, ctx_kv: dict[str, Array], inputs: BlockInputs, attention_impl: str,
+                 past: PastKV | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """x [B, F, S, D] residual stream (mod dtype) -> (same, self-attention (k, v) [B, F·S, N, d]).
+
+        ctx_kv: this layer's cross-attention K/V from `CrossAttention.context_kv`; past: this layer's cache.
+        """
         b, f, s, d = x.shape
         m = self.modulation[...].astype(self.mod_dtype) + inputs.e0.astype(self.mod_dtype)  # [B, F, 6, D]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, :, i, None, :] for i in range(6))
@@ -196,15 +222,15 @@ class WanBlock(nnx.Module):
         frames = lambda t: t.reshape(b, f, s, -1)
 
         h = layer_norm(x, self.eps).astype(self.mod_dtype) * (1 + scale_sa) + shift_sa
-        y = frames(self.self_attn(flat(h), inputs.rope, attention_impl))
-        x = x + y.astype(self.mod_dtype) * gate_sa
+        y, new_kv = self.self_attn(flat(h), inputs.rope, attention_impl, past)
+        x = x + frames(y).astype(self.mod_dtype) * gate_sa
         if self.camera is not None and inputs.camera is not None:
             x = frames(self.camera(flat(x), inputs.camera))
         y = self.cross_attn(flat(self.norm3(x).astype(x.dtype)), ctx_kv, attention_impl)
         x = x + frames(y).astype(self.mod_dtype)
         h = layer_norm(x, self.eps).astype(self.mod_dtype) * (1 + scale_ff) + shift_ff
         y = frames(self.ffn(flat(h)))
-        return x + y.astype(self.mod_dtype) * gate_ff
+        return x + y.astype(self.mod_dtype) * gate_ff, new_kv
 
 
 class ImageEmbedding(nnx.Module):
@@ -369,13 +395,25 @@ class WanModel(nnx.Module):
         self._check_latents(x, y)
         if y is not None:
             x = jnp.concatenate([x, y.astype(x.dtype)], axis=-1)
-        b, f, h, w, _ = x.shape
         kv = self.cross_kv(self.embed_text(context), image_tokens)
-        return self.forward_with_cross_kv(x, t, kv, camera=camera, frame_offset=frame_offset)
+        flow, _ = self.forward_with_cross_kv(x, t, kv, camera=camera, frame_offset=frame_offset)
+        return flow
 
     def forward_with_cross_kv(self, x: Array, t: Array, cross_kv: dict[str, Array], *,
-                              camera: Array | None = None, frame_offset: Array | int = 0) -> Array:
-        """As `__call__` with the conditioning precomputed: x already holds all in_dim channels."""
+                              camera: Array | None = None, frame_offset: Array | int = 0,
+                              cache: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+        """The forward with the conditioning precomputed (x already holds all in_dim channels).
+
+        Args:
+          x, t, camera, frame_offset: as in `__call__`.
+          cross_kv: from `cross_kv`, leaves [layers, B, Lc, N, d].
+          cache: optional (k, v, valid_length): per-layer cached keys/values [layers, B, T_cache, N, d]
+            (keys rotated at their absolute positions) and the number of valid cached tokens (int32
+            scalar). The chunk attends to itself and to the valid cache, unmasked.
+        Returns:
+          (flow [B, F, H, W, out_dim] float32, this chunk's self-attention (k, v), each
+          [layers, B, F·S, N, d], k rotated at absolute positions frame_offset + f).
+        """
         cfg = self.config
         b, f, h, w, _ = x.shape
         s = (h // 2) * (w // 2)
@@ -392,15 +430,17 @@ class WanModel(nnx.Module):
         inputs = BlockInputs(e0=e0, rope=rope_for_grid(cfg.head_dim, f, h // 2, w // 2, frame_offset),
                              camera=camera)
         graphdef, state = nnx.split(self.blocks)
+        past_kv = None if cache is None else (cache[0], cache[1])
 
         def layer(stream, scanned):
-            layer_state, layer_kv = scanned
+            layer_state, layer_cross_kv, layer_past = scanned
             block = nnx.merge(graphdef, layer_state)
-            return block(stream, layer_kv, inputs, self.attention_impl), None
+            past = None if layer_past is None else PastKV(layer_past[0], layer_past[1], cache[2])
+            return block(stream, layer_cross_kv, inputs, self.attention_impl, past)
 
-        stream, _ = jax.lax.scan(layer, stream, (state, cross_kv))
+        stream, new_kv = jax.lax.scan(layer, stream, (state, cross_kv, past_kv))
         out = self.head(stream, e)  # [B, F, S, 4·C]
-        return unpatchify(out.astype(jnp.float32).reshape(b, f, s, -1), h // 2, w // 2)
+        return unpatchify(out.astype(jnp.float32).reshape(b, f, s, -1), h // 2, w // 2), new_kv
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,108 @@
+"""The per-chunk step: denoise k passes against the frozen cache, then commit the clean chunk.
+
+    x ← ε₀
+    for pass i:   v ← net(x, t_i; cache read-only);   x0 ← x − σ^x0_i · v
+                  x ← (1 − σ^next_i) · x0 + σ^next_i · ε_{i+1}        (fresh noise; skipped after the last)
+    emit x0;  commit: net(x0, t = 0) writes the chunk's clean K/V into the cache
+
+`StreamingStep` compiles exactly two programs per (model, schedule, cache layout, resolution): `denoise`
+(all k passes, one `lax.scan`) and `commit` (cache donated, updated in place). The chunk index never
+changes a shape: the RoPE offset and the valid cache length are traced values, so the growth phase
+and the steady state share both programs.
+
+Noise is an input, `[k, B, F, H, W, C]` (ε₀, then one re-noise draw per later pass): `chunk_noise`
+derives it from one global key per (chunk, pass), and recorded upstream noise replays the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from wm_jax.models.wan import WanModel
+from wm_jax.streaming.kv_cache import CacheLayout, KVCache, commit
+from wm_jax.streaming.schedules import StepSchedule
+
+Array = jax.Array
+
+
+def chunk_noise(key: Array, chunk_index: int | Array, num_passes: int, shape: tuple[int, ...],
+                dtype=jnp.float32) -> Array:
+    """Noise for one chunk: [num_passes, *shape], pass p drawn from fold_in(fold_in(key, chunk), p).
+
+    Depends only on (key, chunk, pass), not on how many chunks ran before or on the device count.
+    """
+    chunk_key = jax.random.fold_in(key, chunk_index)
+    return jnp.stack([jax.random.normal(jax.random.fold_in(chunk_key, p), shape, dtype) for p in range(num_passes)])
+
+
+@dataclass(frozen=True)
+class ChunkInputs:
+    """Per-chunk conditioning besides the noise (channels-last, chunk frames only).
+
+    y: I2V [B, F, H, W, 20] (mask 4 | image latent 16) or None; camera: [B, F, H, W, C_cam] or None.
+    """
+
+    y: Array | None = None
+    camera: Array | None = None
+
+
+jax.tree_util.register_dataclass(ChunkInputs, data_fields=["y", "camera"], meta_fields=[])
+
+
+class StreamingStep:
+    """Jitted denoise / commit programs for one model, schedule and cache layout."""
+
+    def __init__(self, model: WanModel, schedule: StepSchedule, layout: CacheLayout):
+        self.graphdef, self.params = nnx.split(model)
+        self.schedule = schedule
+        self.layout = layout
+        self.config = model.config
+        self.compute_dtype = model.compute_dtype
+        self.denoise = jax.jit(self._denoise)
+        self.commit = jax.jit(self._commit, donate_argnums=(1,))
+
+    def init_cache(self, batch: int, dtype=None) -> KVCache:
+        cfg = self.config
+        dtype = dtype or self.compute_dtype
+        return KVCache.zeros(self.layout, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, dtype)
+
+    def cross_kv(self, text: Array, image_tokens: Array | None = None) -> dict[str, Array]:
+        """Cross-attention K/V for a prompt (once per prompt): text [B, Lc, text_dim] real tokens."""
+        def compute(params, text, image_tokens):
+            model = nnx.merge(self.graphdef, params)
+            return model.cross_kv(model.embed_text(text), image_tokens)
+
+        return jax.jit(compute)(self.params, text, image_tokens)
+
+    def _forward(self, params, x, t, cross_kv, inputs: ChunkInputs, cache: KVCache):
+        model = nnx.merge(self.graphdef, params)
+        if inputs.y is not None:
+            x = jnp.concatenate([x, inputs.y.astype(x.dtype)], axis=-1)
+        b, f = x.shape[:2]
+        return model.forward_with_cross_kv(
+            x, jnp.broadcast_to(t, (b, f)), cross_kv, camera=inputs.camera,
+            frame_offset=cache.committed_frames, cache=cache.attention_view(self.layout))
+
+    def _denoise(self, params, cache: KVCache, cross_kv, noise: Array, inputs: ChunkInputs) -> Array:
+        """noise [k, B, F, H, W, C] -> clean chunk x0 [B, F, H, W, C] (float32). The cache is only read."""
+        s = self.schedule
+        eps_next = jnp.roll(noise, -1, axis=0)  # pass i re-noises with draw i+1 (the last one is unused)
+
+        def one_pass(x, per_pass):
+            t, sigma_x0, sigma_next, eps = per_pass
+            flow, _ = self._forward(params, x, t, cross_kv, inputs, cache)
+            x0 = x - sigma_x0 * flow
+            return (1.0 - sigma_next) * x0 + sigma_next * eps, x0
+
+        per_pass = (jnp.asarray(s.t), jnp.asarray(s.sigma_x0), jnp.asarray(s.sigma_next), eps_next)
+        _, x0s = jax.lax.scan(one_pass, noise[0].astype(jnp.float32), per_pass)
+        return x0s[-1]
+
+    def _commit(self, params, cache: KVCache, cross_kv, x0: Array, inputs: ChunkInputs) -> KVCache:
+        """Runs the clean chunk at t = 0 and writes its K/V into the cache (donated)."""
+        _, (k, v) = self._forward(params, x0, jnp.zeros((), jnp.float32), cross_kv, inputs, cache)
+        return commit(cache, self.layout, k, v)
