@@ -75,3 +75,13 @@ def test_too_few_poses():
     poses, intrinsics = _random_trajectory(9, seed=3)
     with pytest.raises(ValueError, match="fewer than the 13 frames"):
         cam.clip_camera_map(poses, intrinsics, 32, 48, 13)
+
+
+def test_streaming_chunks_equal_clip_map_with_clip_world_scale():
+    """Per-chunk camera (previous chunk's last pose as anchor, fixed scale) == upstream's clip computation."""
+    poses, intrinsics = _random_trajectory(4 * 8 + 1, seed=3)
+    clip = cam.clip_camera_map(poses, intrinsics, 32, 48, 33, num_latent_frames=9)
+    stream = cam.StreamingCamera(intrinsics[0], 32, 48, cam.clip_world_scale(poses, 9))
+    chunks = np.concatenate([stream.next_chunk(poses[cam.latent_pose_frames(c)]) for c in range(3)])
+    assert cam.latent_pose_frames(1) == [12, 16, 20]
+    assert relative_l2(chunks, clip) < 1e-4

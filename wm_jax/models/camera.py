@@ -193,3 +193,77 @@ def clip_camera_map(poses: np.ndarray, intrinsics: np.ndarray, pixel_height: int
     latent_poses = interpolate_poses(np.asarray(poses)[:f], np.linspace(0, f - 1, n))
     rel = framewise_relative_poses(latent_poses, translation_scale)
     return fold_pixels(ray_maps(rel, k, pixel_height, pixel_width)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming (chunk by chunk, no knowledge of the rest of the clip).
+# ---------------------------------------------------------------------------------------------------
+
+# FlashDreams' interactive world scale (max framewise translation of LingBot's example trajectory).
+DEFAULT_WORLD_SCALE = 1.2712
+
+
+def latent_pose_frames(chunk_index: int, chunk_frames: int = 3, temporal_stride: int = 4) -> list[int]:
+    """Absolute pixel-frame indices whose poses the latent frames of a chunk take.
+
+    A latent frame stands for the last pixel frame of its group of 4 (the first latent for frame 0
+    alone), so latent g takes pixel frame 4g: chunk 0 -> [0, 4, 8], chunk 1 -> [12, 16, 20], ...
+    """
+    first = chunk_index * chunk_frames
+    return [temporal_stride * g for g in range(first, first + chunk_frames)]
+
+
+def chunk_relative_poses(latent_poses: np.ndarray, previous_pose: np.ndarray | None,
+                         world_scale: float) -> np.ndarray:
+    """Framewise relative poses of one chunk: each latent pose in the previous latent's camera frame.
+
+    Args:
+      latent_poses: [n, 4, 4] c2w poses of the chunk's latent frames.
+      previous_pose: the previous chunk's last latent pose, or None for the first chunk (whose first
+        frame is then the identity, as upstream's clip-anchored computation gives).
+      world_scale: translations are divided by this fixed scale (upstream: the clip-wide max norm).
+    Returns:
+      [n, 4, 4] float64.
+    """
+    poses = np.asarray(latent_poses, np.float64)
+    chain = poses if previous_pose is None else np.concatenate([np.asarray(previous_pose, np.float64)[None], poses])
+    rel = np.stack([_inverse_rigid(chain[i - 1]) @ chain[i] for i in range(1, len(chain))])
+    if previous_pose is None:
+        rel = np.concatenate([np.eye(4)[None], rel])
+    rel[:, :3, 3] /= world_scale
+    return rel
+
+
+class StreamingCamera:
+    """Per-chunk camera maps for an interactive or streamed trajectory.
+
+    Keeps only the previous chunk's last latent pose; the translation scale is fixed up front
+    (`world_scale`) since the clip-wide maximum upstream divides by is unknowable while streaming.
+    With `world_scale` = the clip's max framewise translation (see `clip_world_scale`), the chunks
+    concatenate to upstream's whole-clip `clip_camera_map` on the stride-4 grid.
+    """
+
+    def __init__(self, intrinsics_row: np.ndarray, pixel_height: int, pixel_width: int,
+                 world_scale: float = DEFAULT_WORLD_SCALE):
+        if pixel_height % FOLD or pixel_width % FOLD:
+            raise ValueError(f"pixel size {pixel_height}x{pixel_width} must be a multiple of {FOLD}")
+        if not world_scale > 0:
+            raise ValueError(f"world_scale must be positive, got {world_scale}")
+        self.k = scale_intrinsics(intrinsics_row, pixel_height, pixel_width)
+        self.height, self.width = pixel_height, pixel_width
+        self.world_scale = float(world_scale)
+        self.previous_pose: np.ndarray | None = None
+
+    def next_chunk(self, latent_poses: np.ndarray) -> np.ndarray:
+        """[n, 4, 4] c2w poses of the next chunk's latent frames -> [n, H/8, W/8, 384] float32."""
+        rel = chunk_relative_poses(latent_poses, self.previous_pose, self.world_scale)
+        self.previous_pose = np.asarray(latent_poses, np.float64)[-1]
+        return fold_pixels(ray_maps(rel, self.k, self.height, self.width)).astype(np.float32)
+
+
+def clip_world_scale(poses: np.ndarray, num_latent_frames: int) -> float:
+    """Upstream's clip-wide translation scale for the stride-4 latent poses (offline parity mode)."""
+    latent = np.asarray(poses, np.float64)[: 4 * (num_latent_frames - 1) + 1 : 4]
+    rel = framewise_relative_poses(latent, translation_scale=1.0)
+    scale = float(np.max(np.linalg.norm(rel[:, :3, 3], axis=-1)))
+    return scale if scale > 0 else 1.0
