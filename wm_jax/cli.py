@@ -18,6 +18,7 @@ FLAGS = flags.FLAGS
 USAGE = """usage: wm-jax <command> [flags]
 
 commands:
+  run       stream a world from a recipe: wm-jax run tiny (random weights, seconds on a CPU)
   convert   convert an upstream PyTorch checkpoint (safetensors, sharded, diffusers, Self-Forcing .pt)
   parity    run a golden parity case folder through wm_jax and compare with upstream outputs
 
@@ -167,8 +168,51 @@ def _parity_main(argv):
     return 0 if worst <= tolerance else 1
 
 
-COMMAND_ARGS = {"convert": "--src PATH --dst DIR [flags]", "parity": "CASE_DIR [--out OUT.npz] [--tolerance T]"}
+def _define_run_flags():
+    flags.DEFINE_integer("total_blocks", None, "Chunks (AR steps) of 3 latent frames (default: the recipe's).")
+    flags.DEFINE_integer("pixel_height", None, "Video height, multiple of 16 (default: the recipe's).")
+    flags.DEFINE_integer("pixel_width", None, "Video width, multiple of 16 (default: the recipe's).")
+    flags.DEFINE_integer("fps", None, "Output frame rate (default 16).")
+    flags.DEFINE_integer("seed", None, "Noise seed (default: the recipe's, 42).")
+    flags.DEFINE_string("prompt", None, "Text prompt (default: the example's or the recipe's).")
+    flags.DEFINE_string("image", None, "I2V conditioning image (resized to the video size).")
+    flags.DEFINE_string("poses", None, "Camera trajectory poses.npy [N,4,4] camera-to-world, OpenCV axes.")
+    flags.DEFINE_string("intrinsics", None, "intrinsics.npy [N,4] (fx, fy, cx, cy) for a 480x832 frame.")
+    flags.DEFINE_bool("example_data", False, "Use a LingBot example scene (image, poses, intrinsics, prompt).")
+    flags.DEFINE_integer("example_idx", 0, "Example scene: 0, 1, 2, 5 (upstream, downloaded once into "
+                         "assets/example_data/lingbot_world/NN/) or -1 (the small scene shipped in the repo).")
+    flags.DEFINE_string("checkpoint", None, "Folder of converted components (dit/, text_encoder/, vae/, decoder/); "
+                        "missing ones are downloaded from the recipe's hub repos and converted there.")
+    flags.DEFINE_string("hub_repo", None, "Override the DiT's hub repo.")
+    flags.DEFINE_bool("allow_pickle", False, "Allow converting upstream .pth/.pt pickles (T5, VAE, Self-Forcing).")
+    flags.DEFINE_string("output_dir", "outputs", "Where <slug>.mp4 and stats_<slug>.json are written.")
+    flags.DEFINE_bool("save_latents", False, "Also write latents_<slug>.npy (clean latents, [F, h, w, 16]).")
+    flags.DEFINE_float("shift", None, "Override the schedule shift (Self-Forcing: 5 official CLI, 8 FlashDreams).")
+    flags.DEFINE_float("world_scale", None, "Camera translation scale for streaming (default 1.2712).")
+    flags.DEFINE_enum("camera_mode", "stream", ["stream", "clip"], "stream: fixed world scale, per chunk; clip: "
+                      "upstream's clip-wide max translation (parity with whole-clip runs).")
+    flags.DEFINE_enum("pose_mode", "strict", ["strict", "hold"], "Too few poses: error (strict) or repeat the last.")
+    flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "auto: bfloat16 on GPU, float32 on CPU.")
+
+
+def _run_main(argv):
+    from wm_jax.streaming.recipes import SLUGS
+    from wm_jax.streaming.run import RunOptions, run
+
+    if len(argv) != 2:
+        raise UsageError(f"usage: wm-jax run <slug> [flags]; slugs: {', '.join(SLUGS)}")
+    names = [f.name for f in __import__("dataclasses").fields(RunOptions) if f.name != "slug"]
+    report = run(RunOptions(slug=argv[1], **{n: getattr(FLAGS, n) for n in names}))
+    steps = report["steps"]
+    print(f"wrote {report['video']} ({report['num_frames']} frames) and stats_{report['slug']}.json; "
+          f"compile {report['compile_seconds']:.1f} s; last step denoise {steps[-1]['denoise_ms']:.1f} ms, "
+          f"commit {steps[-1]['commit_ms']:.1f} ms, decode {steps[-1]['decode_ms']:.1f} ms")
+
+
+COMMAND_ARGS = {"run": "<slug> [flags]  (slugs: tiny, self-forcing-wan2.1-t2v-1.3b[-taehv], lingbot-world-fast, "
+                       "lingbot-world-fast-taehv-window15-sink3)", "convert": "--src PATH --dst DIR [flags]", "parity": "CASE_DIR [--out OUT.npz] [--tolerance T]"}
 COMMANDS = {
+    "run": (_define_run_flags, _run_main),
     "convert": (_define_convert_flags, _convert_main),
     "parity": (_define_parity_flags, _parity_main),
 }

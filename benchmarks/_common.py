@@ -1,0 +1,220 @@
+"""Shared helpers of the GPU benchmarks: run metadata, timing, random device weights, tables, JSON.
+
+Import this AFTER setting XLA_* environment variables (the scripts do it on their first lines).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ENV_KEYS = ("JAX_PLATFORMS", "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+            "XLA_PYTHON_CLIENT_ALLOCATOR", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run_metadata() -> dict[str, Any]:
+    """Date, device, library versions and the exact command line (with the XLA/JAX env vars set)."""
+    device = jax.devices()[0]
+    env = {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "flax": _version("flax"),
+        "torch": _version("torch"),
+        "diffusers": _version("diffusers"),
+        "env": env,
+        "command": f"{prefix} {command}".strip(),
+    }
+
+
+def summarize(times_ms: Sequence[float]) -> dict[str, Any]:
+    t = sorted(times_ms)
+    n = len(t)
+    pick = lambda q: t[min(n - 1, max(0, int(round(q * (n - 1)))))]
+    return {"median_ms": statistics.median(t), "min_ms": t[0], "p10_ms": pick(0.1), "p90_ms": pick(0.9),
+            "iters": n, "times_ms": [round(x, 4) for x in times_ms]}
+
+
+def time_calls(call: Callable[[int], Any], sync: Callable[[Any], None], *, warmup: int, iters: int,
+               min_iters: int = 5, budget_s: float | None = None) -> dict[str, Any]:
+    """Median wall time of `call(i)` with the device synchronised before and after each call.
+
+    `call(i)` runs iteration i (it may rotate inputs / carry state) and returns what to wait for;
+    `sync(out)` blocks until the device finished it. After `warmup` untimed calls, up to `iters` timed
+    ones; with `budget_s`, stops early (after at least `min_iters`) once the timed calls took that long.
+    """
+    for i in range(warmup):
+        sync(call(i))
+    times = []
+    spent = 0.0
+    for i in range(iters):
+        start = time.perf_counter()
+        sync(call(warmup + i))
+        dt = time.perf_counter() - start
+        times.append(dt * 1e3)
+        spent += dt
+        if budget_s is not None and spent > budget_s and len(times) >= min_iters:
+            break
+    return summarize(times)
+
+
+def block(tree: Any) -> Any:
+    return jax.block_until_ready(tree)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random weights made on the device, one parameter at a time, in each parameter's own dtype.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _draw(key, shape: tuple[int, ...], dtype: str, kind: str, scale: float):
+    x = jax.random.normal(key, shape, jnp.dtype(dtype))
+    if kind == "scale":
+        return (1.0 + 0.05 * x).astype(dtype)
+    return (x * scale).astype(dtype)
+
+
+_draw_jit = jax.jit(_draw, static_argnums=(1, 2, 3, 4))
+
+
+def fill_random_params(module, seed: int = 0, stacked_prefixes: Sequence[str] = ("blocks",)) -> int:
+    """Replaces every `nnx.Param` of `module` (concrete or from `nnx.eval_shape`) with random values
+    drawn directly on the default device in the parameter's own dtype (a bf16 model never has an
+    fp32 copy). Kernels ~ N(0, 1/fan_in) (fan_in = product of all but the output axis, leaving out a
+    leading layer axis for paths under `stacked_prefixes`); norm scales/gammas ~ 1 + 0.05·N; biases,
+    modulation tables and other vectors ~ 0.02·N (never zeros). Returns the number of parameters.
+    """
+    from flax import nnx
+
+    state = nnx.state(module, nnx.Param)
+    flat = nnx.to_flat_state(state)
+    key = jax.random.key(seed)
+    new, count = [], 0
+    for i, (path, var) in enumerate(flat):
+        value = var.get_value()
+        shape, dtype = tuple(value.shape), jnp.dtype(value.dtype).name
+        name = _path_str(path)
+        leaf = str(path[-1])
+        if leaf == "kernel" and len(shape) >= 2:
+            dims = shape[1:] if name.split("/")[0] in stacked_prefixes else shape
+            fan_in = max(1, math.prod(dims[:-1]))
+            kind, scale = "kernel", fan_in ** -0.5
+        elif leaf in ("scale", "gamma"):
+            kind, scale = "scale", 1.0
+        else:
+            kind, scale = "small", 0.02
+        new.append((path, var.replace(_draw_jit(jax.random.fold_in(key, i), shape, dtype, kind, scale))))
+        count += math.prod(shape)
+    nnx.update(module, nnx.from_flat_state(new))
+    return count
+
+
+def param_bytes(module) -> int:
+    from flax import nnx
+
+    leaves = jax.tree_util.tree_leaves(nnx.state(module, nnx.Param))
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves))
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def device_memory() -> dict[str, float] | None:
+    """bytes_in_use / peak_bytes_in_use / bytes_limit of device 0 in GiB (None where unsupported, e.g. CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    return {k + "_gib": stats[k] / 2**30 for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
+def lowered_flops(lowered) -> float | None:
+    """XLA's FLOP count of a lowered (unoptimised) program, or None."""
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - backend without cost analysis
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])
+
+
+def rel_l2(a, b) -> float:
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output.
+# ---------------------------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            if v != v:
+                return "nan"
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return str(v)
+
+    cells = [[cell(v) for v in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def write_json(path: str | None, report: dict) -> None:
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    tmp.rename(out)
+    print(f"wrote {out}")
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

@@ -1,0 +1,118 @@
+"""Builds a recipe's components: DiT, decoder, I2V VAE encoder and the prompt -> features function.
+
+Random-weight recipes (`tiny`) build everything from a seed. Real recipes load converted folders from
+`--checkpoint DIR` (`DIR/dit`, `DIR/text_encoder`, `DIR/vae`, `DIR/decoder`), downloading and
+converting any missing component from the recipe's hub files first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from wm_jax.io.safetensors_io import CheckpointError
+from wm_jax.models.config import WanConfig, preset
+from wm_jax.models.wan import WanModel
+from wm_jax.streaming.engine import Decoder, taehv_decoder, wan_vae_decoder
+from wm_jax.streaming.recipes import HubFiles, Recipe
+
+
+@dataclass
+class Components:
+    dit: WanModel
+    decoder: Decoder
+    vae_encoder: Any | None
+    encode_prompt: Callable[[str], np.ndarray]  # prompt -> [1, L, text_dim] float32 (real tokens only)
+    description: dict[str, str]
+
+
+def model_config(recipe: Recipe) -> WanConfig:
+    return preset(recipe.model) if isinstance(recipe.model, str) else WanConfig(**recipe.model)
+
+
+def hashed_text_features(prompt: str, text_dim: int) -> np.ndarray:
+    """Seeded stand-in text features for random-weight recipes: one row per whitespace token."""
+    tokens = max(1, min(len(prompt.split()), 512))
+    seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal((1, tokens, text_dim)).astype(np.float32)
+
+
+def build_random(recipe: Recipe, seed: int, compute_dtype=jnp.float32) -> Components:
+    """Every component with seeded random weights (no checkpoint, no text encoder)."""
+    from wm_jax.models.wan_vae import WanVAE, WanVAEConfig
+
+    cfg = model_config(recipe)
+    dit = WanModel(cfg, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype)
+    if recipe.decoder != "wan_vae":
+        raise ValueError(f"recipe {recipe.slug}: random weights are only wired for the Wan VAE decoder")
+    vae = WanVAE(WanVAEConfig(**recipe.vae_config), rngs=nnx.Rngs(seed + 1))
+    return Components(dit=dit, decoder=wan_vae_decoder(vae),
+                      vae_encoder=vae if recipe.task == "i2v_camera" else None,
+                      encode_prompt=lambda p: hashed_text_features(p, cfg.text_dim),
+                      description={"weights": f"random (seed {seed})", "text": "hashed prompt features"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Real checkpoints.
+# ---------------------------------------------------------------------------------------------------
+
+COMPONENT_KINDS = {"dit": "wan_dit", "text_encoder": "umt5", "vae": "wan_vae", "decoder": "taehv"}
+
+
+def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pickle: bool,
+                     cache_dir: str | None = None) -> Path:
+    """`folder` if it already holds a converted component, else download + convert it there."""
+    import converters
+    from wm_jax.io.hub import download
+    from wm_jax.io.tensor_sources import open_source
+
+    if (folder / "wm_jax.json").is_file():
+        return folder
+    if hub is None:
+        raise CheckpointError(f"{folder}: no converted {name} here and the recipe names no hub files for it; "
+                              f"convert one with `wm-jax convert --src ... --dst {folder}`")
+    if hub.allow_pickle and not allow_pickle:
+        raise CheckpointError(f"{name}: {hub.repo}/{hub.path} is a torch pickle; pass --allow_pickle to convert it "
+                              f"(or convert it yourself with `wm-jax convert ... --dst {folder}`)")
+    root = download(hub.repo, hub.allow_patterns, cache_dir=cache_dir)
+    src = root / hub.path if hub.path else root
+    source = open_source(src, allow_pickle=allow_pickle, prefer_entries=("generator_ema", "generator"))
+    converters.converter(COMPONENT_KINDS[name]).convert(source, folder)
+    return folder
+
+
+def load_components(recipe: Recipe, checkpoint_dir: str | Path, *, compute_dtype, dit_hub_repo: str | None = None,
+                    allow_pickle: bool = False, cache_dir: str | None = None,
+                    text_cache_dir: str | None = None) -> Components:
+    from converters import taehv as taehv_conv
+    from converters import wan_dit
+    from converters import wan_vae as wan_vae_conv
+    from wm_jax.models.text_encoding import TextEncoder
+
+    root = Path(checkpoint_dir)
+    hubs = dict(recipe.weights)
+    if dit_hub_repo:
+        hubs["dit"] = HubFiles(dit_hub_repo, ("*.safetensors", "*.json"), "")
+
+    def folder(name: str) -> Path:
+        return ensure_component(name, root / name, hubs.get(name), allow_pickle=allow_pickle, cache_dir=cache_dir)
+
+    dit = wan_dit.load(folder("dit"), compute_dtype=compute_dtype)
+    vae = None
+    if recipe.decoder == "wan_vae" or recipe.task == "i2v_camera":
+        vae = wan_vae_conv.load(folder("vae"))
+        vae.compute_dtype = compute_dtype
+    if recipe.decoder == "wan_vae":
+        decoder = wan_vae_decoder(vae)
+    else:
+        decoder = taehv_decoder(taehv_conv.load(folder("decoder"), compute_dtype=compute_dtype))
+    text = TextEncoder.from_folder(folder("text_encoder"), cache_dir=text_cache_dir)
+    return Components(dit=dit, decoder=decoder, vae_encoder=vae if recipe.task == "i2v_camera" else None,
+                      encode_prompt=lambda p: np.asarray(text.encode([p])[0], np.float32)[None],
+                      description={"weights": str(root), "text": "umT5"})

@@ -1,0 +1,104 @@
+"""Recipes: everything a `wm-jax run <slug>` needs besides user flags, as plain data.
+
+Each recipe lives in its own plain-Python file under `configs/` with a `get_config() -> Recipe`;
+`SLUGS` maps the command-line slug (FlashDreams' names where they exist) to that module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+
+from wm_jax.streaming.kv_cache import CacheLayout
+from wm_jax.streaming.schedules import StepSchedule, lingbot_fast_schedule, self_forcing_schedule
+
+SLUGS = {
+    "tiny": "configs.tiny",
+    "self-forcing-wan2.1-t2v-1.3b": "configs.self_forcing_wan21_t2v_1_3b",
+    "self-forcing-wan2.1-t2v-1.3b-taehv": "configs.self_forcing_wan21_t2v_1_3b_taehv",
+    "lingbot-world-fast": "configs.lingbot_world_fast",
+    "lingbot-world-fast-taehv-window15-sink3": "configs.lingbot_world_fast_taehv_window15_sink3",
+}
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """Where a component's weights come from: a Hugging Face repo and the files to fetch."""
+
+    repo: str
+    allow_patterns: tuple[str, ...]
+    path: str = ""  # inside the snapshot: the file or folder to convert
+    allow_pickle: bool = False  # the upstream file is a torch pickle (needs --allow_pickle)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A streaming world-model configuration.
+
+    Attributes:
+      slug: command-line name.
+      model: WanConfig preset name (`wm_jax.models.config.PRESETS`), or a dict of WanConfig fields.
+      task: "t2v" (text only) or "i2v_camera" (LingBot: image + camera trajectory).
+      schedule: "self_forcing" or "lingbot_fast"; `shift` and `steps` (Self-Forcing step list) or
+        `step_indices` (LingBot table indices) parameterise it.
+      sink_frames / window_frames: KV cache in FlashDreams' terms: `window_frames` recent latent
+        frames INCLUDING the current chunk, plus `sink_frames` never evicted; window None = keep
+        every frame of the rollout.
+      decoder: "wan_vae" or "taehv".
+      pixel_height / pixel_width / total_blocks / fps / seed / prompt: run defaults (flags override).
+      world_scale: fixed camera translation scale for streaming (FlashDreams' interactive default).
+      weights: component -> HubFiles for real checkpoints; empty for random-weight recipes.
+      random_weights: build every component with seeded random weights (no checkpoint at all).
+    """
+
+    slug: str
+    model: str | dict
+    task: str
+    schedule: str
+    shift: float
+    decoder: str
+    pixel_height: int
+    pixel_width: int
+    total_blocks: int
+    steps: tuple[float, ...] = (1000, 750, 500, 250)
+    step_indices: tuple[int, ...] = (0, 179, 358, 679)
+    chunk_frames: int = 3
+    sink_frames: int = 0
+    window_frames: int | None = None
+    fps: int = 16
+    seed: int = 42
+    prompt: str = ""
+    world_scale: float = 1.2712
+    weights: dict[str, HubFiles] = field(default_factory=dict)
+    random_weights: bool = False
+    decoder_config: dict = field(default_factory=dict)
+    vae_config: dict = field(default_factory=dict)
+
+    def replace(self, **changes) -> Recipe:
+        return dataclasses.replace(self, **changes)
+
+    def step_schedule(self) -> StepSchedule:
+        if self.schedule == "self_forcing":
+            return self_forcing_schedule(self.shift, self.steps)
+        if self.schedule == "lingbot_fast":
+            return lingbot_fast_schedule(self.shift, self.step_indices)
+        raise ValueError(f"recipe {self.slug}: unknown schedule {self.schedule!r}")
+
+    def cache_layout(self, tokens_per_frame: int, total_frames: int) -> CacheLayout:
+        if self.window_frames is None:
+            return CacheLayout(tokens_per_frame, sink_frames=total_frames, ring_frames=0,
+                               chunk_frames=self.chunk_frames)
+        ring = self.window_frames - self.chunk_frames
+        if ring < 0:
+            raise ValueError(f"recipe {self.slug}: window {self.window_frames} is smaller than a chunk")
+        return CacheLayout(tokens_per_frame, self.sink_frames, ring, self.chunk_frames)
+
+
+def load_recipe(slug: str) -> Recipe:
+    if slug not in SLUGS:
+        raise ValueError(f"unknown recipe {slug!r}; known: {', '.join(SLUGS)}")
+    recipe = importlib.import_module(SLUGS[slug]).get_config()
+    if recipe.slug != slug:
+        raise AssertionError(f"{SLUGS[slug]} defines slug {recipe.slug!r}, registered as {slug!r}")
+    return recipe

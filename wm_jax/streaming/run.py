@@ -1,0 +1,202 @@
+"""`wm-jax run <slug>`: resolve a recipe and flags, stream the world, write the mp4 and the stats.
+
+Outputs (FlashDreams' names): `<output_dir>/<slug>.mp4` (H.264, yuv420p, crf 18, at --fps) written
+chunk by chunk, and `<output_dir>/stats_<slug>.json` with one entry per AR step plus compile seconds,
+peak device memory, device kind and the resolved configuration. `--save_latents` adds
+`<output_dir>/latents_<slug>.npy` ([F, h, w, 16] clean latents).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from wm_jax.models import camera as cam
+from wm_jax.streaming.engine import WorldRollout, check_resolution, check_rope_limit
+from wm_jax.streaming.recipes import Recipe, load_recipe
+
+SHIPPED_EXAMPLE = -1  # --example_idx value of the small example scene shipped in the repo
+
+
+@dataclass
+class RunOptions:
+    slug: str
+    total_blocks: int | None = None
+    pixel_height: int | None = None
+    pixel_width: int | None = None
+    fps: int | None = None
+    seed: int | None = None
+    prompt: str | None = None
+    image: str | None = None
+    poses: str | None = None
+    intrinsics: str | None = None
+    example_data: bool = False
+    example_idx: int = 0
+    checkpoint: str | None = None
+    hub_repo: str | None = None
+    allow_pickle: bool = False
+    output_dir: str = "outputs"
+    save_latents: bool = False
+    shift: float | None = None
+    world_scale: float | None = None
+    camera_mode: str = "stream"  # "stream": fixed world scale; "clip": upstream's clip-wide max norm
+    pose_mode: str = "strict"  # "strict": too few poses is an error; "hold": repeat the last pose
+    compute_dtype: str = "auto"
+
+
+def resolve(options: RunOptions) -> tuple[Recipe, dict]:
+    """The recipe with flag overrides applied, and the resolved settings (for the stats file)."""
+    recipe = load_recipe(options.slug)
+    overrides = {k: v for k, v in dict(pixel_height=options.pixel_height, pixel_width=options.pixel_width,
+                                       total_blocks=options.total_blocks, fps=options.fps, seed=options.seed,
+                                       prompt=options.prompt, shift=options.shift,
+                                       world_scale=options.world_scale).items() if v is not None}
+    recipe = recipe.replace(**overrides)
+    check_resolution(recipe.pixel_height, recipe.pixel_width)
+    check_rope_limit(recipe.total_blocks, recipe.chunk_frames)
+    return recipe, {k: v for k, v in dataclasses.asdict(recipe).items() if k != "weights"}
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Creates the folder and proves it writable before any compute."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--output_dir {path}: not writable ({err.strerror or err})") from None
+    return out
+
+
+def _compute_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return jnp.dtype(name)
+
+
+def _scene(options: RunOptions, recipe: Recipe):
+    """(image uint8 [H, W, 3] or None, poses, intrinsics, prompt) from flags / example data."""
+    from wm_jax.io import examples, trajectory
+
+    image = poses = intrinsics = None
+    prompt = recipe.prompt
+    if options.example_data or (recipe.task == "i2v_camera" and not (options.image or options.poses)):
+        index = options.example_idx if options.example_data or not recipe.random_weights else SHIPPED_EXAMPLE
+        folder = examples.SHIPPED_EXAMPLE if index == SHIPPED_EXAMPLE else examples.example_dir(index)
+        example = examples.load_example(folder)
+        image, poses, intrinsics, prompt = example.image, example.poses, example.intrinsics, example.prompt
+    if options.image:
+        image = _load_image(options.image)
+    if options.poses or options.intrinsics:
+        if not (options.poses and options.intrinsics):
+            raise ValueError("--poses and --intrinsics go together")
+        poses, intrinsics = trajectory.load_trajectory(options.poses, options.intrinsics)
+    if options.prompt is not None:
+        prompt = options.prompt
+    if image is not None and image.shape[:2] != (recipe.pixel_height, recipe.pixel_width):
+        image = _resize(image, recipe.pixel_height, recipe.pixel_width)
+    return image, poses, intrinsics, prompt
+
+
+def _load_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--image {path}: cannot read it as an image ({err})") from None
+
+
+def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bicubic resize of a uint8 [H, W, 3] image to the video size (upstream resizes, no crop)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
+
+
+def run(options: RunOptions) -> dict:
+    from wm_jax.io import trajectory
+    from wm_jax.io.video import Mp4Writer, to_uint8
+    from wm_jax.streaming.components import build_random, load_components
+
+    recipe, resolved = resolve(options)
+    out_dir = prepare_output_dir(options.output_dir)
+    compute_dtype = _compute_dtype(options.compute_dtype)
+    image, poses, intrinsics, prompt = _scene(options, recipe)
+    chunk = recipe.chunk_frames
+    latent_frames = recipe.total_blocks * chunk
+    camera = None
+    if recipe.task == "i2v_camera":
+        poses = trajectory.poses_for_frames(poses, 4 * (latent_frames - 1) + 1, options.pose_mode)
+        scale = (cam.clip_world_scale(poses, latent_frames) if options.camera_mode == "clip"
+                 else recipe.world_scale)
+        camera = cam.StreamingCamera(intrinsics[0], recipe.pixel_height, recipe.pixel_width, scale)
+        resolved["world_scale_used"] = scale
+
+    start = time.perf_counter()
+    if recipe.random_weights:
+        parts = build_random(recipe, recipe.seed, compute_dtype)
+    else:
+        if not options.checkpoint:
+            raise ValueError(f"recipe {recipe.slug} needs weights: --checkpoint DIR (converted components, "
+                             "downloaded and converted there if missing)")
+        parts = load_components(recipe, options.checkpoint, compute_dtype=compute_dtype,
+                                dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
+    load_s = time.perf_counter() - start
+    rollout = WorldRollout(recipe, parts.dit, parts.decoder, pixel_height=recipe.pixel_height,
+                           pixel_width=recipe.pixel_width, total_blocks=recipe.total_blocks, seed=recipe.seed,
+                           vae_encoder=parts.vae_encoder)
+    rollout.start(parts.encode_prompt(prompt), image=image, camera=camera)
+
+    video_path = out_dir / f"{recipe.slug}.mp4"
+    latents = []
+    from tqdm import tqdm
+
+    with Mp4Writer(video_path, fps=recipe.fps) as writer:
+        for index in tqdm(range(recipe.total_blocks), desc=recipe.slug, unit="chunk", disable=None):
+            latent_poses = poses[cam.latent_pose_frames(index, chunk)] if camera is not None else None
+            frames, stats = rollout.next_chunk(latent_poses)
+            writer.append(to_uint8(frames, rollout.decoder.value_range))
+            if options.save_latents:
+                latents.append(rollout.last_latents)
+            logging.info("step %d: denoise %.1f ms, commit %.1f ms, decode %.1f ms, encode %.1f ms, %d frames",
+                         index, stats.denoise_ms, stats.commit_ms, stats.decode_ms, stats.encode_ms,
+                         stats.num_frames)
+    if options.save_latents:
+        np.save(out_dir / f"latents_{recipe.slug}.npy", np.concatenate(latents, axis=0))
+    device = jax.devices()[0]
+    memory = device.memory_stats() or {}
+    report = {
+        "slug": recipe.slug,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "jax": jax.__version__,
+        "compute_dtype": jnp.dtype(compute_dtype).name,
+        "load_seconds": load_s,
+        "compile_seconds": rollout.compile_seconds,
+        "peak_device_memory_gib": memory.get("peak_bytes_in_use", 0) / 2**30 if memory else None,
+        "video": str(video_path),
+        "num_frames": int(sum(s.num_frames for s in rollout.state.history)),
+        "steps": [s.to_dict() for s in rollout.state.history],
+        "config": {**resolved, "components": parts.description, "prompt": prompt,
+                   "camera_mode": options.camera_mode if camera is not None else None},
+    }
+    stats_path = out_dir / f"stats_{recipe.slug}.json"
+    tmp = stats_path.with_name(f".{stats_path.name}.partial")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.rename(stats_path)
+    return report
