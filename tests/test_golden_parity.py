@@ -41,3 +41,15 @@ def test_parity_fails_loudly_on_a_wrong_model(golden_dir, tmp_path, monkeypatch)
         errors = compare(outputs, {k: golden[k] for k in golden.files})
     assert errors["flow_t0"] > DEFAULT_TOLERANCE
     assert errors["cam_plucker"] <= DEFAULT_TOLERANCE
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("case", ["self_forcing_rollout", "lingbot_fast_rollout", "taehv_decode"])
+def test_golden_case_within_tolerance(golden_dir, case):
+    """Rollouts replay upstream's recorded noise through the streaming step (global and sink+window)."""
+    outputs = run_case(golden_dir / case)
+    with np.load(golden_dir / case / "outputs.npz") as golden:
+        errors = compare(outputs, {k: golden[k] for k in golden.files})
+    assert max(errors.values()) <= DEFAULT_TOLERANCE, errors
