@@ -176,9 +176,7 @@ def convert(source: Source | str | Path, dst: str | Path, *, overwrite: bool = F
 
 def load(folder: str | Path, *, compute_dtype=jnp.float32, precision=None) -> TAEHVDecoder:
     """Loads a converted folder."""
-    manifest = ckpt.read_manifest(folder)
-    if manifest.get("kind") != KIND:
-        raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint, not a TAEHV decoder")
+    manifest = ckpt.read_manifest(folder, kind=KIND)
     cfg = TAEHVConfig.from_dict(manifest["config"])
     model = nnx.eval_shape(lambda: TAEHVDecoder(cfg, compute_dtype=compute_dtype, precision=precision))
     arrays = ckpt.restore_params(folder, expected_params(cfg))

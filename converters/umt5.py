@@ -226,9 +226,7 @@ def convert(source: Source | str | Path, dst: str | Path, *, overwrite: bool = F
 
 def load(folder: str | Path, *, compute_dtype=jnp.bfloat16, precision=None) -> UMT5Encoder:
     """Loads a converted folder (compute dtype bfloat16 by default, as upstream runs it)."""
-    manifest = ckpt.read_manifest(folder)
-    if manifest.get("kind") != KIND:
-        raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint, not a umT5 encoder")
+    manifest = ckpt.read_manifest(folder, kind=KIND)
     cfg = UMT5Config.from_dict(manifest["config"])
     model = nnx.eval_shape(lambda: UMT5Encoder(cfg, compute_dtype=compute_dtype, precision=precision))
     arrays = ckpt.restore_params(folder, expected_params(cfg))

@@ -165,9 +165,7 @@ def convert(source, dst, *, overwrite: bool = False, dtype=None, config_override
 
 
 def load(folder) -> W22.Wan22VAE:
-    manifest = read_manifest(folder)
-    if manifest.get("kind") != KIND:
-        raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint, not {KIND!r}")
+    manifest = read_manifest(folder, kind=KIND)
     module = abstract_module(W22.Wan22VAEConfig.from_dict(manifest["config"]))
     assign_params(module, restore_params(folder, param_spec(module)))
     return module

@@ -256,9 +256,7 @@ def convert(source: Source, dst: str | Path, *, overwrite: bool = False, dtype: 
 def load(folder: str | Path, *, compute_dtype=jnp.float32, attention_impl: str = "auto",
          shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> WanModel:
     """Loads a converted folder into a WanModel (params restored straight into their final placement)."""
-    manifest = ckpt.read_manifest(folder)
-    if manifest.get("kind") != KIND:
-        raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint, not a Wan DiT")
+    manifest = ckpt.read_manifest(folder, kind=KIND)
     cfg = WanConfig.from_dict(manifest["config"])
     model = nnx.eval_shape(lambda: WanModel(cfg, compute_dtype=compute_dtype, attention_impl=attention_impl))
     arrays = ckpt.restore_params(folder, expected_params(cfg), shardings)
@@ -323,9 +321,7 @@ def load_experts(folder: str | Path, **load_kwargs):
     """Loads a converted expert pair as `ExpertPair` (high-noise expert while t >= boundary·1000)."""
     from wm_jax.models.wan import ExpertPair
 
-    manifest = ckpt.read_manifest(folder)
-    if manifest.get("kind") != EXPERTS_KIND:
-        raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint, not an expert pair")
+    manifest = ckpt.read_manifest(folder, kind=EXPERTS_KIND)
     folder = Path(folder)
     return ExpertPair(high_noise=load(folder / EXPERT_DIRS[0], **load_kwargs),
                       low_noise=load(folder / EXPERT_DIRS[1], **load_kwargs), boundary=manifest["boundary"])

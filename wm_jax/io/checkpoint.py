@@ -179,7 +179,8 @@ def write_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
     (folder / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict[str, Any]:
+    """The folder's manifest; with `kind`, refuses a folder that holds another kind of checkpoint."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a converted wm_jax checkpoint (no {MANIFEST}); "
@@ -187,6 +188,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')}, this wm_jax reads {FORMAT_VERSION}")
+    if kind is not None and manifest.get("kind") != kind:
+        raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint, not {kind!r}")
     return manifest
 
 

@@ -62,6 +62,7 @@ class StreamingStep:
         self.layout = layout
         self.config = model.config
         self.compute_dtype = model.compute_dtype
+        self._cross_kv = jax.jit(self._compute_cross_kv)
         self.denoise = jax.jit(self._denoise)
         self.commit = jax.jit(self._commit, donate_argnums=(1,))
 
@@ -72,11 +73,11 @@ class StreamingStep:
 
     def cross_kv(self, text: Array, image_tokens: Array | None = None) -> dict[str, Array]:
         """Cross-attention K/V for a prompt (once per prompt): text [B, Lc, text_dim] real tokens."""
-        def compute(params, text, image_tokens):
-            model = nnx.merge(self.graphdef, params)
-            return model.cross_kv(model.embed_text(text), image_tokens)
+        return self._cross_kv(self.params, text, image_tokens)
 
-        return jax.jit(compute)(self.params, text, image_tokens)
+    def _compute_cross_kv(self, params, text, image_tokens):
+        model = nnx.merge(self.graphdef, params)
+        return model.cross_kv(model.embed_text(text), image_tokens)
 
     def _forward(self, params, x, t, cross_kv, inputs: ChunkInputs, cache: KVCache):
         model = nnx.merge(self.graphdef, params)
