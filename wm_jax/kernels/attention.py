@@ -2,8 +2,10 @@
 
 Every attention in wm_jax (self, cross, chunk-vs-cache) calls `attention`; kernels are swapped here,
 never in the model. Layout is BTNH: q `[B, Tq, N, d]`, k/v `[B, Tk, N, d]` -> `[B, Tq, N, d]`.
-Semantics: softmax(q kᵀ / √d) v over all keys, no mask, except that keys at positions
-`>= kv_valid_length[b]` are ignored (the unfilled tail of a fixed-size KV cache).
+Semantics: softmax(q kᵀ / √d) v over all keys, except that keys at positions `>= kv_valid_length[b]`
+are ignored (the unfilled tail of a fixed-size KV cache) and, where a dense boolean `mask [Tq, Tk]` is
+given (True = attend), masked-out keys are ignored. The streaming hot path never builds a dense mask;
+it exists for full-sequence references (block-causal with sink + window).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
-def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
-                        kv_valid_length: jax.Array | None = None) -> jax.Array:
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid_length: jax.Array | None = None,
+                        mask: jax.Array | None = None) -> jax.Array:
     """Plain XLA attention: logits and softmax in float32, output in q's dtype."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * scale
@@ -25,6 +27,8 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
         key_pos = jnp.arange(k.shape[1])
         valid = key_pos[None, :] < kv_valid_length[:, None]  # [B, Tk]
         logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    if mask is not None:
+        logits = jnp.where(mask[None, None], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
@@ -36,8 +40,10 @@ def _cudnn_usable(q: jax.Array) -> bool:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.Array | None = None,
-              implementation: str = "auto") -> jax.Array:
-    """Multi-head attention, BTNH layout, optional per-batch valid key length `[B]` (int32).
+              mask: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
+    """Multi-head attention, BTNH layout, optional per-batch valid key length `[B]` (int32) and optional
+    dense boolean mask `[Tq, Tk]` shared by the batch and the heads (True = attend; every query needs
+    at least one visible key).
 
     implementation: "xla" (reference, any dtype/backend), "cudnn" (`jax.nn.dot_product_attention` fused
     kernel; GPU, bf16/fp16 only; the valid length goes through `key_value_seq_lengths`, never a dense
@@ -48,8 +54,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.
     if implementation == "auto":
         implementation = "cudnn" if _cudnn_usable(q) else "xla"
     if implementation == "xla":
-        return attention_reference(q, k, v, kv_valid_length)
+        return attention_reference(q, k, v, kv_valid_length, mask)
     if kv_valid_length is not None:
         kv_valid_length = kv_valid_length.astype(jnp.int32)
     return jax.nn.dot_product_attention(
-        q, k, v, key_value_seq_lengths=kv_valid_length, implementation="cudnn")
+        q, k, v, mask=None if mask is None else mask[None, None], key_value_seq_lengths=kv_valid_length,
+        implementation="cudnn")

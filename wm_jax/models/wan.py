@@ -102,16 +102,17 @@ class SelfAttention(nnx.Module):
         return q, k, heads(self.v(x))
 
     def __call__(self, x: Array, rope: tuple[Array, Array], attention_impl: str,
-                 past: PastKV | None = None) -> tuple[Array, tuple[Array, Array]]:
+                 past: PastKV | None = None, mask: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
         """x [B, L, D] -> (output [B, L, D], this call's (k, v) [B, L, N, d] for a KV cache).
 
         With `past`, the queries also attend to the cached keys/values (already rotated at their
-        absolute positions); only its first `past.valid_length` tokens count.
+        absolute positions); only its first `past.valid_length` tokens count. `mask` [L, L] (True =
+        attend) restricts attention among the L tokens themselves (full-sequence references only).
         """
         b, length, _ = x.shape
         q, k, v = self.project_qkv(x, rope)
         if past is None:
-            out = attention(q, k, v, implementation=attention_impl)
+            out = attention(q, k, v, mask=mask, implementation=attention_impl)
         else:
             # Own keys first, then the cache: the valid keys form a prefix, as key_value_seq_lengths needs.
             keys = jnp.concatenate([k, past.k.astype(k.dtype)], axis=1)
@@ -190,12 +191,13 @@ class BlockInputs:
     """Per-forward values shared by every block (closed over by the layer scan).
 
     Shapes: e0 [B, F, 6, D] (modulation offsets per latent frame); rope (cos, sin) each [L, d/2];
-    camera [B, L, D] or None.
+    camera [B, L, D] or None; attention_mask [L, L] bool or None (self-attention, True = attend).
     """
 
     e0: Array
     rope: tuple[Array, Array]
     camera: Array | None
+    attention_mask: Array | None = None
 
 
 class WanBlock(nnx.Module):
@@ -222,7 +224,7 @@ class WanBlock(nnx.Module):
         frames = lambda t: t.reshape(b, f, s, -1)
 
         h = layer_norm(x, self.eps).astype(self.mod_dtype) * (1 + scale_sa) + shift_sa
-        y, new_kv = self.self_attn(flat(h), inputs.rope, attention_impl, past)
+        y, new_kv = self.self_attn(flat(h), inputs.rope, attention_impl, past, inputs.attention_mask)
         x = x + frames(y).astype(self.mod_dtype) * gate_sa
         if self.camera is not None and inputs.camera is not None:
             x = frames(self.camera(flat(x), inputs.camera))
@@ -401,7 +403,8 @@ class WanModel(nnx.Module):
 
     def forward_with_cross_kv(self, x: Array, t: Array, cross_kv: dict[str, Array], *,
                               camera: Array | None = None, frame_offset: Array | int = 0,
-                              cache: tuple[Array, Array, Array] | None = None) -> tuple[Array, tuple[Array, Array]]:
+                              cache: tuple[Array, Array, Array] | None = None,
+                              attention_mask: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
         """The forward with the conditioning precomputed (x already holds all in_dim channels).
 
         Args:
@@ -410,6 +413,9 @@ class WanModel(nnx.Module):
           cache: optional (k, v, valid_length): per-layer cached keys/values [layers, B, T_cache, N, d]
             (keys rotated at their absolute positions) and the number of valid cached tokens (int32
             scalar). The chunk attends to itself and to the valid cache, unmasked.
+          attention_mask: optional self-attention mask [F·S, F·S] bool (True = attend), tokens in
+            (f, i, j) order; for full-sequence references such as the block-causal mask of a rollout
+            (`CacheLayout.visible_frames`). Not combinable with `cache`.
         Returns:
           (flow [B, F, H, W, out_dim] float32, this chunk's self-attention (k, v), each
           [layers, B, F·S, N, d], k rotated at absolute positions frame_offset + f).
@@ -427,8 +433,12 @@ class WanModel(nnx.Module):
                 raise ValueError(f"camera map has shape {camera.shape}; expected "
                                  f"{(*x.shape[:4], cfg.camera_channels)}")
             camera = self.camera_embed(camera.astype(self.compute_dtype))
+        if attention_mask is not None and (cache is not None or attention_mask.shape != (f * s, f * s)):
+            raise ValueError(f"attention_mask must be [{f * s}, {f * s}] (tokens of x) and cannot be combined "
+                             f"with a cache; got shape {attention_mask.shape}"
+                             + (" and a cache" if cache is not None else ""))
         inputs = BlockInputs(e0=e0, rope=rope_for_grid(cfg.head_dim, f, h // 2, w // 2, frame_offset),
-                             camera=camera)
+                             camera=camera, attention_mask=attention_mask)
         graphdef, state = nnx.split(self.blocks)
         past_kv = None if cache is None else (cache[0], cache[1])
 

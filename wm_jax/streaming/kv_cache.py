@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -69,6 +70,22 @@ class CacheLayout:
             return jnp.where(frame < self.sink_frames, frame, self.capacity_frames)
         ring_slot = self.sink_frames + (frame - self.sink_frames) % self.ring_frames
         return jnp.where(frame < self.sink_frames, frame, ring_slot)
+
+    def visible_frames(self, num_frames: int) -> np.ndarray:
+        """The block-causal attention pattern this cache implements, as a dense frame mask.
+
+        Returns [num_frames, num_frames] bool, True where query frame q may attend to key frame g: g is
+        in q's own chunk, or g was committed before q's chunk and is still held (a sink frame, or one of
+        the `ring_frames` most recent committed frames). A full-sequence forward with this mask equals
+        the streamed rollout.
+        """
+        frame = np.arange(num_frames)
+        chunk_start = frame // self.chunk_frames * self.chunk_frames  # first frame of each frame's chunk
+        q_start, g = chunk_start[:, None], frame[None, :]
+        own_chunk = chunk_start[None, :] == q_start
+        in_sink = g < self.sink_frames
+        in_ring = (g >= q_start - self.ring_frames) & (g >= self.sink_frames)
+        return own_chunk | ((g < q_start) & (in_sink | in_ring))
 
     def valid_tokens(self, committed_frames: Array) -> Array:
         return jnp.minimum(committed_frames, self.capacity_frames).astype(jnp.int32) * self.tokens_per_frame
