@@ -39,3 +39,16 @@ def test_unknown_implementation_is_refused():
     x = jnp.zeros((1, 2, 1, 8))
     with pytest.raises(ValueError, match="expected one of"):
         attention(x, x, x, implementation="flash")
+
+
+
+@pytest.mark.parametrize("valid", [0, 5, 13])
+def test_chunk_attends_to_itself_and_the_valid_cache_prefix(valid):
+    from wm_jax.kernels.attention import attention_with_cache
+
+    rng = np.random.default_rng(valid)
+    q, k, v = (rng.standard_normal((2, 6, 3, 16)).astype(np.float32) for _ in range(3))
+    ck, cv = (rng.standard_normal((2, 13, 3, 16)).astype(np.float32) for _ in range(2))
+    out = attention_with_cache(*(jnp.asarray(a) for a in (q, k, v, ck, cv)), jnp.int32(valid), implementation="xla")
+    expected = _naive(q, np.concatenate([k, ck[:, :valid]], 1), np.concatenate([v, cv[:, :valid]], 1))
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-6)

@@ -39,6 +39,14 @@ def _cudnn_usable(q: jax.Array) -> bool:
             and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
 
 
+def _resolve(q: jax.Array, implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        return "cudnn" if _cudnn_usable(q) else "xla"
+    return implementation
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.Array | None = None,
               mask: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
     """Multi-head attention, BTNH layout, optional per-batch valid key length `[B]` (int32) and optional
@@ -49,10 +57,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.
     kernel; GPU, bf16/fp16 only; the valid length goes through `key_value_seq_lengths`, never a dense
     mask), or "auto" (cuDNN where usable, else XLA).
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
-    if implementation == "auto":
-        implementation = "cudnn" if _cudnn_usable(q) else "xla"
+    implementation = _resolve(q, implementation)
     if implementation == "xla":
         return attention_reference(q, k, v, kv_valid_length, mask)
     if kv_valid_length is not None:
@@ -60,3 +65,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.
     return jax.nn.dot_product_attention(
         q, k, v, mask=None if mask is None else mask[None, None], key_value_seq_lengths=kv_valid_length,
         implementation="cudnn")
+
+
+def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                         cache_valid_length: jax.Array, *, implementation: str = "auto") -> jax.Array:
+    """A chunk's attention over [its own keys ; the valid prefix of a KV cache], unmasked.
+
+    q, k, v: [B, L, N, d] (the chunk); cache_k, cache_v: [B, T, N, d], keys already rotated at their
+    absolute positions; cache_valid_length: int32 scalar, the number of valid cached tokens (a prefix).
+    The chunk's keys go first, so the valid keys stay a prefix and one call with a valid length covers
+    them. This concatenation copies the layer's cache slice once per call (measured on an H100 at
+    480x832: ~3.8 ms of a ~84 ms pass); attending to the chunk and to the cache separately and merging
+    by log-sum-exp measured the same, because the scanned layer slice is copied for cuDNN either way.
+    A kernel that reads the stacked cache in place belongs here.
+    """
+    b, length = q.shape[:2]
+    keys = jnp.concatenate([k, cache_k.astype(k.dtype)], axis=1)
+    values = jnp.concatenate([v, cache_v.astype(v.dtype)], axis=1)
+    valid = jnp.full((b,), length, jnp.int32) + cache_valid_length
+    return attention(q, keys, values, kv_valid_length=valid, implementation=implementation)

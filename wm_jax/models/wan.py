@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from wm_jax.kernels.attention import attention
+from wm_jax.kernels.attention import attention, attention_with_cache
 from wm_jax.models.config import PATCH_SIZE, WanConfig
 from wm_jax.models.embeddings import (apply_rope, patchify, rope_for_grid, timestep_sinusoid, unpatchify)
 
@@ -114,11 +114,7 @@ class SelfAttention(nnx.Module):
         if past is None:
             out = attention(q, k, v, mask=mask, implementation=attention_impl)
         else:
-            # Own keys first, then the cache: the valid keys form a prefix, as key_value_seq_lengths needs.
-            keys = jnp.concatenate([k, past.k.astype(k.dtype)], axis=1)
-            values = jnp.concatenate([v, past.v.astype(v.dtype)], axis=1)
-            valid = jnp.full((b,), length, jnp.int32) + past.valid_length
-            out = attention(q, keys, values, kv_valid_length=valid, implementation=attention_impl)
+            out = attention_with_cache(q, k, v, past.k, past.v, past.valid_length, implementation=attention_impl)
         return self.o(out.reshape(b, length, -1)), (k, v)
 
 
