@@ -1,0 +1,162 @@
+"""Where a denoise pass spends its time: chunk-vs-cache self-attention variants against the whole forward.
+
+One pass of the Self-Forcing 1.3B DiT at 480x832 (L = 4680 chunk tokens) against a fixed cache buffer of
+`--buffer_frames` latent frames, `--context_frames` of them valid. Times, each the median of repeated calls
+with the device synchronised:
+
+    forward            one full model forward of the chunk against the cache (what each denoise pass runs)
+    attn_layers        the self-attention of all layers as the model runs it: lax.scan over the stacked
+                       cache, `attention_with_cache` (keys = [chunk ; cache slice], cuDNN, valid length)
+    attn_resident      30 cuDNN calls on one pre-built [chunk ; cache] array (no per-layer copy at all)
+    attn_exact         30 cuDNN calls on exactly the valid keys (no padding)
+    torch_sdpa_cudnn   the same 30 calls in PyTorch (`scaled_dot_product_attention`, cuDNN backend), same
+                       run, CUDA-event timed: the comparison for the kernel (needs torch with CUDA)
+    gemm               an 8192^3 bf16 matmul (the device's matmul ceiling)
+
+    python benchmarks/attention_breakdown.py --json $OUT/attention_breakdown.json
+    JAX_PLATFORMS=cpu python benchmarks/attention_breakdown.py --small    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from _common import fill_random_params, format_table, run_metadata, time_calls, write_json  # noqa: E402
+from wm_jax.kernels.attention import attention, attention_with_cache  # noqa: E402
+from wm_jax.models.config import preset  # noqa: E402
+from wm_jax.models.wan import WanModel  # noqa: E402
+
+
+def torch_sdpa_ms(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, layers: int, iters: int):
+    """Median ms of `layers` PyTorch cuDNN SDPA calls (bf16, BNTH), or None without torch + CUDA."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    make = lambda t: torch.randn(1, heads, t, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = make(q_tokens), make(kv_tokens), make(kv_tokens)
+    times = []
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        for i in range(iters + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(layers):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= 2:
+                times.append(start.elapsed_time(end))
+    del q, k, v
+    torch.cuda.empty_cache()
+    return float(np.median(times))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context_frames", default="6,12,15,18", help="comma list of valid cached latent frames")
+    p.add_argument("--buffer_frames", type=int, default=22, help="cache buffer (7 blocks global: 21 + 1)")
+    p.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke test")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    cfg = preset("self-forcing-1.3b").replace(param_dtype="bfloat16")
+    lat_h, lat_w = 60, 104
+    if args.small:
+        cfg = cfg.replace(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
+        lat_h, lat_w = 8, 12
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    tpf = (lat_h // 2) * (lat_w // 2)
+    L, layers, heads, hd = 3 * tpf, cfg.num_layers, cfg.num_heads, cfg.head_dim
+    buffer_tokens = args.buffer_frames * tpf
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+    rand = lambda shape: jax.random.normal(next(keys), shape, dtype)
+    q, k, v = rand((1, L, heads, hd)), rand((1, L, heads, hd)), rand((1, L, heads, hd))
+    cache_k, cache_v = rand((layers, 1, buffer_tokens, heads, hd)), rand((layers, 1, buffer_tokens, heads, hd))
+
+    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype))
+    fill_random_params(model, seed=0)
+    graphdef, params = nnx.split(model)
+    cross_kv = jax.jit(lambda p, c: nnx.merge(graphdef, p).cross_kv(nnx.merge(graphdef, p).embed_text(c)))(
+        params, rand((1, 32, cfg.text_dim)))
+    x = rand((1, 3, lat_h, lat_w, 16))
+
+    def model_forward(params, x, cache_k, cache_v, valid):
+        model = nnx.merge(graphdef, params)
+        return model.forward_with_cross_kv(x, jnp.full((1, 3), 500.0), cross_kv, frame_offset=valid // tpf,
+                                           cache=(cache_k, cache_v, valid))[0]
+
+    forward = jax.jit(model_forward)
+
+    def scanned(per_layer):
+        @jax.jit
+        def run(q, k, v, cache_k, cache_v, valid):
+            def body(acc, layer_cache):
+                return acc + per_layer(q, k, v, *layer_cache, valid).astype(jnp.float32), None
+            return jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), (cache_k, cache_v))[0]
+        return run
+
+    @jax.jit
+    def resident(q, kv_k, kv_v, valid):
+        def body(i, acc):
+            return acc + attention(q, kv_k, kv_v, kv_valid_length=jnp.full((1,), valid, jnp.int32)).astype(jnp.float32)
+        return jax.lax.fori_loop(0, layers, body, jnp.zeros(q.shape, jnp.float32))
+
+    @jax.jit
+    def exact(q, kv_k, kv_v):
+        def body(i, acc):
+            return acc + attention(q, kv_k, kv_v).astype(jnp.float32)
+        return jax.lax.fori_loop(0, layers, body, jnp.zeros(q.shape, jnp.float32))
+
+    attn_layers = scanned(attention_with_cache)
+    sync = jax.block_until_ready
+    rows, results = [], {"context": {}}
+    for context in [int(c) for c in args.context_frames.split(",")]:
+        valid = jnp.asarray(context * tpf, jnp.int32)
+        kv_tokens = L + context * tpf
+        attn_flops = layers * 4 * L * kv_tokens * cfg.dim
+        timings = {"forward": time_calls(lambda i: forward(params, x, cache_k, cache_v, valid), sync,
+                                         warmup=2, iters=args.iters)["median_ms"],
+                   "attn_layers": time_calls(lambda i: attn_layers(q, k, v, cache_k, cache_v, valid), sync,
+                                             warmup=2, iters=args.iters)["median_ms"]}
+        joined_k = jnp.concatenate([k, cache_k[0]], axis=1)
+        joined_v = jnp.concatenate([v, cache_v[0]], axis=1)
+        timings["attn_resident"] = time_calls(lambda i: resident(q, joined_k, joined_v, kv_tokens), sync, warmup=2,
+                                              iters=args.iters)["median_ms"]
+        timings["attn_exact"] = time_calls(lambda i: exact(q, joined_k[:, :kv_tokens], joined_v[:, :kv_tokens]),
+                                           sync, warmup=2, iters=args.iters)["median_ms"]
+        torch_ms = torch_sdpa_ms(L, kv_tokens, heads, hd, layers, args.iters)
+        if torch_ms is not None:
+            timings["torch_sdpa_cudnn"] = torch_ms
+        results["context"][context] = {"ms": timings, "attention_tflop": attn_flops / 1e12}
+        for name, ms in timings.items():
+            tflops = f"{attn_flops / ms / 1e9:.0f}" if name.startswith("attn") else ""
+            rows.append([context, name, f"{ms:.2f}", tflops])
+
+    a = rand((8192, 8192)) if not args.small else rand((512, 512))
+    gemm = jax.jit(lambda a: a @ a)
+    gemm_ms = time_calls(lambda i: gemm(a), sync, warmup=2, iters=args.iters)["median_ms"]
+    gemm_tflops = 2 * a.shape[0] ** 3 / gemm_ms / 1e9
+    results["gemm"] = {"ms": gemm_ms, "tflops": gemm_tflops}
+    rows.append(["-", "gemm", f"{gemm_ms:.2f}", f"{gemm_tflops:.0f}"])
+    print(format_table(["context frames", "what", "ms", "attn TF/s"], rows))
+    if args.json:
+        write_json(args.json, {**run_metadata(), "benchmark": "attention_breakdown", "chunk_tokens": L,
+                               "buffer_frames": args.buffer_frames, **results})
+
+
+if __name__ == "__main__":
+    main()
