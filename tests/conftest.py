@@ -19,3 +19,13 @@ def golden_dir() -> Path:
     if not GOLDEN_DIR.is_dir():
         pytest.skip(f"golden data not found at {GOLDEN_DIR} (../shared/golden relative to the repo root)")
     return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():
+    """The `tiny` recipe and its random-weight components (seed 0), built once: building takes ~20 s on CPU."""
+    from wm_jax.streaming.components import build_random
+    from wm_jax.streaming.recipes import load_recipe
+
+    recipe = load_recipe("tiny")
+    return recipe, build_random(recipe, seed=0)

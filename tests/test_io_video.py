@@ -7,7 +7,7 @@ import pytest
 
 av = pytest.importorskip("av")
 
-from wm_jax.io.video import Mp4Writer, to_uint8, write_mp4  # noqa: E402
+from wm_jax.io.video import Mp4Writer, frames_to_uint8, to_uint8, write_mp4  # noqa: E402
 
 
 def gradient_video(frames=20, height=64, width=96) -> np.ndarray:
@@ -157,3 +157,20 @@ def test_to_uint8_jax_bfloat16(tmp_path):
     assert frames.shape == (2, 8, 8, 3) and frames.min() == 0 and frames.max() == 255
     write_mp4(tmp_path / "j.mp4", frames)
     assert decode(tmp_path / "j.mp4")[1].shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize("value_range", [(-1, 1), (0, 1)])
+def test_frames_to_uint8_on_device_equals_to_uint8(value_range):
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(0)
+    low, high = value_range
+    ties = ((np.arange(256) + 0.5) / 255 * (high - low) + low).astype(np.float32)  # land near k + 0.5
+    x = np.concatenate([rng.normal(0.3, 0.8, 20000).astype(np.float32), np.linspace(low - 0.2, high + 0.2, 4001,
+                        dtype=np.float32), ties, np.nextafter(ties, np.float32(2)), np.nextafter(ties, np.float32(-2)),
+                        np.float32([low, high, 0.5, -0.5])])
+    for video in (x, x.astype(jnp.bfloat16)):
+        got = frames_to_uint8(jnp.asarray(video), value_range)
+        assert got.dtype == np.uint8 and isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, to_uint8(video, value_range))
+    with pytest.raises(ValueError, match="1 NaN/inf"):
+        frames_to_uint8(jnp.asarray([0.0, jnp.inf]), value_range)

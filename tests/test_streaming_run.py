@@ -1,5 +1,6 @@
-"""The streaming engine end to end on the tiny recipe: no recompiles, the CLI run, bad input."""
+"""The streaming engine end to end on the tiny recipe: no recompiles, uint8 frames, the CLI run, bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,16 +11,15 @@ import numpy as np
 import pytest
 
 from wm_jax.io import examples
+from wm_jax.io.video import to_uint8
 from wm_jax.models import camera as cam
-from wm_jax.streaming.components import build_random
 from wm_jax.streaming.engine import WorldRollout
-from wm_jax.streaming.recipes import load_recipe
 from wm_jax.streaming.run import RunOptions, resolve
 
 
-def test_rollout_compiles_once_including_ring_wraparound():
-    recipe = load_recipe("tiny").replace(total_blocks=6)  # sink 3 + ring 3: the ring wraps 4 times
-    parts = build_random(recipe, seed=0)
+def test_rollout_compiles_once_including_ring_wraparound(tiny_parts):
+    recipe, parts = tiny_parts
+    recipe = recipe.replace(total_blocks=6)  # sink 3 + ring 3: the ring wraps 4 times
     rollout = WorldRollout(recipe, parts.dit, parts.decoder, pixel_height=recipe.pixel_height,
                            pixel_width=recipe.pixel_width, total_blocks=recipe.total_blocks, seed=0,
                            vae_encoder=parts.vae_encoder)
@@ -28,6 +28,14 @@ def test_rollout_compiles_once_including_ring_wraparound():
     image = np.asarray(__import__("PIL.Image").Image.fromarray(scene.image).resize((recipe.pixel_width,
                                                                                  recipe.pixel_height)))
     rollout.start(parts.encode_prompt("a road"), image=image, camera=camera)
+    decoded = []  # the decoder's float frames, recorded on their way to the on-device uint8 conversion
+
+    def recording_step(z, state, step=rollout.decoder.step):
+        frames, state = step(z, state)
+        decoded.append(np.asarray(frames, np.float32)[0])
+        return frames, state
+
+    rollout.decoder = dataclasses.replace(rollout.decoder, step=recording_step)
     poses = np.concatenate([scene.poses, np.repeat(scene.poses[-1:], 80, axis=0)])
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -35,8 +43,14 @@ def test_rollout_compiles_once_including_ring_wraparound():
     for index in range(recipe.total_blocks):
         if index == 2:
             compiles.clear()  # chunks 0 and 1 compile the first-chunk and steady decoder/encoder variants
-        frames, stats = rollout.next_chunk(poses[cam.latent_pose_frames(index)])
-        assert frames.shape[0] == (9 if index == 0 else 12) and np.all(np.isfinite(frames))
+        last = index == recipe.total_blocks - 1
+        frames, stats = rollout.next_chunk(poses[cam.latent_pose_frames(index)], float_frames=last)
+        assert frames.shape == (9 if index == 0 else 12, recipe.pixel_height, recipe.pixel_width, 3)
+        if last:
+            np.testing.assert_array_equal(frames, decoded[-1])
+        else:  # uint8 on the device == the host conversion of the float frames, bit for bit
+            assert frames.dtype == np.uint8 and np.all(np.isfinite(decoded[-1]))
+            np.testing.assert_array_equal(frames, to_uint8(decoded[-1], rollout.decoder.value_range))
     assert compiles == [], f"recompiled during the steady rollout: {len(compiles)} compilations"
     assert int(rollout.state.cache.committed_frames) == 18
 

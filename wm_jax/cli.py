@@ -241,10 +241,11 @@ def _friendly_errors(main):
         from wm_jax.io.hub import HubError
         from wm_jax.io.safetensors_io import CheckpointError
         from wm_jax.parity import ParityError
+        from wm_jax.streaming.memory import DeviceMemoryError
 
         try:
             return main(argv)
-        except (CheckpointError, HubError, ParityError, ValueError) as err:
+        except (CheckpointError, DeviceMemoryError, HubError, ParityError, ValueError) as err:
             sys.stderr.write(f"wm-jax: error: {err}\n")
             sys.exit(1)
 

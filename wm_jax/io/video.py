@@ -4,7 +4,8 @@ These are the encoder settings FlashDreams uses for its `outputs/<slug>.mp4` fil
 through PyAV (`av` on PyPI; its wheels bundle an ffmpeg build with libx264), imported lazily so the
 rest of wm_jax works without it.
 
-Frames are uint8 `[T, H, W, 3]` RGB. A rollout can stream them chunk by chunk:
+Frames are uint8 `[T, H, W, 3]` RGB: `to_uint8` converts float frames on the host, `frames_to_uint8`
+the same way on a JAX device (copying only the uint8 result). A rollout can stream them chunk by chunk:
 
     with Mp4Writer("outputs/run.mp4", fps=16) as writer:
         for chunk in rollout:                      # each [t, H, W, 3] uint8
@@ -18,6 +19,7 @@ file is deleted and the destination is left untouched.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import uuid
 from collections.abc import Iterable
@@ -56,18 +58,58 @@ def to_uint8(video, value_range: tuple[float, float]) -> np.ndarray:
       ValueError if the range is empty or the video contains NaN/inf (a diverged rollout should not
       silently turn into black pixels).
     """
-    low, high = (float(v) for v in value_range)
-    if not high > low:
-        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    low, high = _check_range(value_range)
     x = np.asarray(video)
     if x.dtype.kind not in "fiu" and x.dtype.name != "bfloat16":
         raise TypeError(f"to_uint8 expects numeric pixel values, got dtype {x.dtype}")
     x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise ValueError(f"video contains {bad} NaN/inf values (shape {x.shape}); refusing to encode them")
+    _check_finite(int(np.size(x) - np.count_nonzero(np.isfinite(x))), x.shape)
+    return _scale_to_uint8(x, low, high, np)
+
+
+def frames_to_uint8(video, value_range: tuple[float, float]) -> np.ndarray:
+    """`to_uint8` of a JAX array, converted on its device: only the uint8 frames are copied to the host.
+
+    Same mapping bit for bit (`_scale_to_uint8` on float32), same errors. video: float JAX array of any
+    shape (e.g. [B, T, H, W, 3], any float dtype). Returns the uint8 numpy array of the same shape.
+    """
+    low, high = _check_range(value_range)
+    pixels, bad = _device_to_uint8(low, high)(video)
+    pixels, bad = np.asarray(pixels), int(bad)
+    _check_finite(bad, pixels.shape)
+    return pixels
+
+
+@functools.cache
+def _device_to_uint8(low: float, high: float):
+    """Jitted video -> (uint8 frames, int32 count of NaN/inf values), one per value range."""
+    import jax
+    import jax.numpy as jnp
+
+    def convert(video):
+        x = video.astype(jnp.float32)
+        return _scale_to_uint8(x, low, high, jnp), jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
+
+    return jax.jit(convert)
+
+
+def _scale_to_uint8(x, low: float, high: float, xp):
+    """The 8-bit mapping of both converters, in float32 (`xp`: numpy or jax.numpy): x [...] float32 ->
+    rint((x - low) * 255 / (high - low)) clipped to [0, 255] (ties to even) -> uint8 [...]."""
     x = (x - low) * (255.0 / (high - low))
-    return np.clip(np.rint(x), 0.0, 255.0).astype(np.uint8)
+    return xp.clip(xp.rint(x), 0.0, 255.0).astype(xp.uint8)
+
+
+def _check_range(value_range: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(v) for v in value_range)
+    if not high > low:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    return low, high
+
+
+def _check_finite(bad: int, shape: tuple[int, ...]) -> None:
+    if bad:
+        raise ValueError(f"video contains {bad} NaN/inf values (shape {shape}); refusing to encode them")
 
 
 def _fps_fraction(fps) -> Fraction:

@@ -129,7 +129,7 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def run(options: RunOptions) -> dict:
     from wm_jax.io import trajectory
-    from wm_jax.io.video import Mp4Writer, to_uint8
+    from wm_jax.io.video import Mp4Writer
     from wm_jax.streaming.components import build_random, load_components
 
     recipe, resolved = resolve(options)
@@ -169,7 +169,7 @@ def run(options: RunOptions) -> dict:
         for index in tqdm(range(recipe.total_blocks), desc=recipe.slug, unit="chunk", disable=None):
             latent_poses = poses[cam.latent_pose_frames(index, chunk)] if camera is not None else None
             frames, stats = rollout.next_chunk(latent_poses)
-            writer.append(to_uint8(frames, rollout.decoder.value_range))
+            writer.append(frames)
             if options.save_latents:
                 latents.append(rollout.last_latents)
             logging.info("step %d: denoise %.1f ms, commit %.1f ms, decode %.1f ms, encode %.1f ms, %d frames",
