@@ -5,8 +5,10 @@ One pass of the Self-Forcing 1.3B DiT at 480x832 (L = 4680 chunk tokens) against
 with the device synchronised:
 
     forward            one full model forward of the chunk against the cache (what each denoise pass runs)
-    attn_layers        the self-attention of all layers as the model runs it: lax.scan over the stacked
-                       cache, `attention_with_cache` (keys = [chunk ; cache slice], cuDNN, valid length)
+    attn_layers        the self-attention of all layers as the model runs it: lax.scan over the layers,
+                       `attention_with_cache` (cuDNN: the chunk + paged attention over the stacked cache,
+                       merged by log-sum-exp), checked against the XLA reference (bf16, rel. L2 < 1e-2)
+    attn_layers_concat the previous path: each layer's cache slice concatenated after the chunk's keys
     attn_resident      30 cuDNN calls on one pre-built [chunk ; cache] array (no per-layer copy at all)
     attn_exact         30 cuDNN calls on exactly the valid keys (no padding)
     torch_sdpa_cudnn   the same 30 calls in PyTorch (`scaled_dot_product_attention`, cuDNN backend), same
@@ -35,6 +37,7 @@ from _common import fill_random_params, format_table, run_metadata, time_calls, 
 from wm_jax.kernels.attention import attention, attention_with_cache  # noqa: E402
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
+from wm_jax.streaming.kv_cache import PAGE_TOKENS  # noqa: E402
 
 
 def torch_sdpa_ms(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, layers: int, iters: int):
@@ -81,7 +84,7 @@ def main(argv=None):
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     tpf = (lat_h // 2) * (lat_w // 2)
     L, layers, heads, hd = 3 * tpf, cfg.num_layers, cfg.num_heads, cfg.head_dim
-    buffer_tokens = args.buffer_frames * tpf
+    buffer_tokens = -(-args.buffer_frames * tpf // PAGE_TOKENS) * PAGE_TOKENS  # as CacheLayout.buffer_tokens
     keys = iter(jax.random.split(jax.random.key(0), 16))
     rand = lambda shape: jax.random.normal(next(keys), shape, dtype)
     q, k, v = rand((1, L, heads, hd)), rand((1, L, heads, hd)), rand((1, L, heads, hd))
@@ -102,12 +105,18 @@ def main(argv=None):
     forward = jax.jit(model_forward)
 
     def scanned(per_layer):
+        """jitted: sum over layers of per_layer(q, k, v, cache_k, cache_v, layer, valid), under lax.scan."""
         @jax.jit
         def run(q, k, v, cache_k, cache_v, valid):
-            def body(acc, layer_cache):
-                return acc + per_layer(q, k, v, *layer_cache, valid).astype(jnp.float32), None
-            return jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), (cache_k, cache_v))[0]
+            def body(acc, layer):
+                return acc + per_layer(q, k, v, cache_k, cache_v, layer, valid).astype(jnp.float32), None
+            return jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), jnp.arange(layers, dtype=jnp.int32))[0]
         return run
+
+    def concat_layer(q, k, v, cache_k, cache_v, layer, valid):
+        keys_ = jnp.concatenate([k, cache_k[layer]], axis=1)
+        values = jnp.concatenate([v, cache_v[layer]], axis=1)
+        return attention(q, keys_, values, kv_valid_length=jnp.full((1,), q.shape[1], jnp.int32) + valid)
 
     @jax.jit
     def resident(q, kv_k, kv_v, valid):
@@ -121,7 +130,7 @@ def main(argv=None):
             return acc + attention(q, kv_k, kv_v).astype(jnp.float32)
         return jax.lax.fori_loop(0, layers, body, jnp.zeros(q.shape, jnp.float32))
 
-    attn_layers = scanned(attention_with_cache)
+    variants = {"attn_layers": scanned(attention_with_cache), "attn_layers_concat": scanned(concat_layer)}
     sync = jax.block_until_ready
     rows, results = [], {"context": {}}
     for context in [int(c) for c in args.context_frames.split(",")]:
@@ -129,9 +138,14 @@ def main(argv=None):
         kv_tokens = L + context * tpf
         attn_flops = layers * 4 * L * kv_tokens * cfg.dim
         timings = {"forward": time_calls(lambda i: forward(params, x, cache_k, cache_v, valid), sync,
-                                         warmup=2, iters=args.iters)["median_ms"],
-                   "attn_layers": time_calls(lambda i: attn_layers(q, k, v, cache_k, cache_v, valid), sync,
-                                             warmup=2, iters=args.iters)["median_ms"]}
+                                         warmup=2, iters=args.iters)["median_ms"]}
+        outputs = {name: fn(q, k, v, cache_k, cache_v, valid) for name, fn in variants.items()}
+        a, b = outputs["attn_layers"], outputs["attn_layers_concat"]
+        error = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+        assert error < 1e-2, f"attn_layers vs attn_layers_concat: relative L2 {error:.2e}"
+        for name, fn in variants.items():
+            timings[name] = time_calls(lambda i: fn(q, k, v, cache_k, cache_v, valid), sync, warmup=2,
+                                       iters=args.iters)["median_ms"]
         joined_k = jnp.concatenate([k, cache_k[0]], axis=1)
         joined_v = jnp.concatenate([v, cache_v[0]], axis=1)
         timings["attn_resident"] = time_calls(lambda i: resident(q, joined_k, joined_v, kv_tokens), sync, warmup=2,
@@ -141,7 +155,8 @@ def main(argv=None):
         torch_ms = torch_sdpa_ms(L, kv_tokens, heads, hd, layers, args.iters)
         if torch_ms is not None:
             timings["torch_sdpa_cudnn"] = torch_ms
-        results["context"][context] = {"ms": timings, "attention_tflop": attn_flops / 1e12}
+        results["context"][context] = {"ms": timings, "attention_tflop": attn_flops / 1e12,
+                                       "attn_layers_vs_concat_rel_l2": error}
         for name, ms in timings.items():
             tflops = f"{attn_flops / ms / 1e9:.0f}" if name.startswith("attn") else ""
             rows.append([context, name, f"{ms:.2f}", tflops])

@@ -1,5 +1,6 @@
 """The attention entry point: reference semantics, valid-length masking, argument checks."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,13 +43,58 @@ def test_unknown_implementation_is_refused():
 
 
 
-@pytest.mark.parametrize("valid", [0, 5, 13])
-def test_chunk_attends_to_itself_and_the_valid_cache_prefix(valid):
+
+def _chunk_and_cache(seed, dtype=np.float32, layers=3, cache_tokens=32):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((2, 6, 3, 16)).astype(dtype) for _ in range(3))
+    ck, cv = (rng.standard_normal((layers, 2, cache_tokens, 3, 16)).astype(dtype) for _ in range(2))
+    return q, k, v, ck, cv
+
+
+@pytest.mark.parametrize("valid", [0, 5, 32])
+def test_chunk_attends_to_itself_and_the_valid_prefix_of_its_layer(valid):
     from wm_jax.kernels.attention import attention_with_cache
 
-    rng = np.random.default_rng(valid)
-    q, k, v = (rng.standard_normal((2, 6, 3, 16)).astype(np.float32) for _ in range(3))
-    ck, cv = (rng.standard_normal((2, 13, 3, 16)).astype(np.float32) for _ in range(2))
-    out = attention_with_cache(*(jnp.asarray(a) for a in (q, k, v, ck, cv)), jnp.int32(valid), implementation="xla")
-    expected = _naive(q, np.concatenate([k, ck[:, :valid]], 1), np.concatenate([v, cv[:, :valid]], 1))
+    q, k, v, ck, cv = _chunk_and_cache(valid)
+    out = attention_with_cache(*(jnp.asarray(a) for a in (q, k, v, ck, cv)), jnp.int32(1), jnp.int32(valid),
+                               implementation="xla")
+    expected = _naive(q, np.concatenate([k, ck[1, :, :valid]], 1), np.concatenate([v, cv[1, :, :valid]], 1))
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("valid", [0, 7])
+def test_log_sum_exp_merge_of_chunk_and_cache_equals_one_attention(valid):
+    """The cuDNN path attends to the chunk and to the cache separately and merges by log-sum-exp; the
+    merge itself (float64 partials here) must give attention over the union, and drop an empty cache
+    whatever its partial output holds."""
+    from wm_jax.kernels.attention import _merge_by_log_sum_exp
+
+    q, k, v, ck, cv = _chunk_and_cache(valid)
+    ck, cv = ck[0, :, :max(valid, 1)], cv[0, :, :max(valid, 1)]
+
+    def partial(keys, values):
+        logits = np.einsum("bqnd,bknd->bqnk", q.astype(np.float64), keys) / np.sqrt(q.shape[-1])
+        lse = np.log(np.exp(logits).sum(-1))
+        return np.einsum("bqnk,bknd->bqnd", np.exp(logits - lse[..., None]), values), lse
+
+    own, cached = partial(k, v), partial(ck, cv)
+    if valid == 0:
+        cached = (np.full_like(cached[0], np.nan), cached[1])  # what cuDNN's 1-key stand-in may hold
+    merged = _merge_by_log_sum_exp(tuple(map(jnp.asarray, own)), tuple(map(jnp.asarray, cached)),
+                                   jnp.asarray(valid > 0))
+    keys = np.concatenate([k, ck[:, :valid]], 1)
+    values = np.concatenate([v, cv[:, :valid]], 1)
+    np.testing.assert_allclose(np.asarray(merged), _naive(q, keys, values), atol=2e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN paged attention needs a CUDA GPU")
+@pytest.mark.parametrize("valid", [0, 1, 200, 384])
+def test_cudnn_paged_cache_attention_matches_the_reference(valid):
+    """bf16 on the GPU: the paged + merged cuDNN path against the XLA reference (layer 2 of 3, batch 2)."""
+    from wm_jax.kernels.attention import attention_with_cache
+
+    q, k, v, ck, cv = (jnp.asarray(a, jnp.bfloat16) for a in _chunk_and_cache(valid, layers=3, cache_tokens=384))
+    args = (q, k, v, ck, cv, jnp.int32(2), jnp.int32(valid))
+    fast = attention_with_cache(*args, implementation="cudnn").astype(jnp.float32)
+    ref = attention_with_cache(*args, implementation="xla").astype(jnp.float32)
+    assert float(jnp.linalg.norm(fast - ref) / jnp.linalg.norm(ref)) < 1e-2

@@ -114,7 +114,8 @@ class SelfAttention(nnx.Module):
         if past is None:
             out = attention(q, k, v, mask=mask, implementation=attention_impl)
         else:
-            out = attention_with_cache(q, k, v, past.k, past.v, past.valid_length, implementation=attention_impl)
+            out = attention_with_cache(q, k, v, past.k, past.v, past.layer, past.valid_length,
+                                       implementation=attention_impl)
         return self.o(out.reshape(b, length, -1)), (k, v)
 
 
@@ -175,10 +176,12 @@ class CameraInjector(nnx.Module):
 
 @dataclass(frozen=True)
 class PastKV:
-    """One layer's KV cache as the attention sees it: k, v [B, T_cache, N, d]; valid_length int32 scalar."""
+    """The KV cache as one layer's attention sees it: every layer's k, v [layers, B, T_cache, N, d], this
+    layer's index (int32 scalar) and the number of valid cached tokens (int32 scalar)."""
 
     k: Array
     v: Array
+    layer: Array
     valid_length: Array
 
 
@@ -436,15 +439,16 @@ class WanModel(nnx.Module):
         inputs = BlockInputs(e0=e0, rope=rope_for_grid(cfg.head_dim, f, h // 2, w // 2, frame_offset),
                              camera=camera, attention_mask=attention_mask)
         graphdef, state = nnx.split(self.blocks)
-        past_kv = None if cache is None else (cache[0], cache[1])
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
         def layer(stream, scanned):
-            layer_state, layer_cross_kv, layer_past = scanned
+            layer_state, layer_cross_kv, layer_index = scanned
             block = nnx.merge(graphdef, layer_state)
-            past = None if layer_past is None else PastKV(layer_past[0], layer_past[1], cache[2])
+            # the whole stacked cache is read by index, never sliced per layer (no copy per layer)
+            past = None if cache is None else PastKV(cache[0], cache[1], layer_index, cache[2])
             return block(stream, layer_cross_kv, inputs, self.attention_impl, past)
 
-        stream, new_kv = jax.lax.scan(layer, stream, (state, cross_kv, past_kv))
+        stream, new_kv = jax.lax.scan(layer, stream, (state, cross_kv, layers))
         out = self.head(stream, e)  # [B, F, S, 4·C]
         return unpatchify(out.astype(jnp.float32).reshape(b, f, s, -1), h // 2, w // 2), new_kv
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+PAGE_TOKENS = 128  # the per-layer buffer is a whole number of these (cuDNN paged attention: a power of 2)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,12 @@ class CacheLayout:
         """Buffer length: capacity plus one never-valid slot that absorbs writes of dropped frames."""
         return self.capacity_frames + 1
 
+    @property
+    def buffer_tokens(self) -> int:
+        """Tokens per layer in the buffer: the frame slots, rounded up to a whole number of
+        `PAGE_TOKENS` pages (the tail is never valid) so attention kernels can page through it."""
+        return -(-self.buffer_frames * self.tokens_per_frame // PAGE_TOKENS) * PAGE_TOKENS
+
     def slot(self, frame: Array) -> Array:
         """Buffer slot (in frames) of absolute latent frame `frame` (int32, traced ok)."""
         frame = jnp.asarray(frame, jnp.int32)
@@ -96,7 +103,8 @@ class CacheLayout:
 class KVCache:
     """Per-layer stacked keys/values and how many frames were committed.
 
-    k, v: [layers, B, buffer_frames·tokens_per_frame, N, d] (N = heads: the axis Ulysses shards).
+    k, v: [layers, B, buffer_tokens, N, d] (N = heads: the axis Ulysses shards); frame slot s holds
+      tokens [s·tokens_per_frame, (s+1)·tokens_per_frame).
     committed_frames: int32 scalar, absolute count of committed latent frames.
     """
 
@@ -107,7 +115,7 @@ class KVCache:
     @classmethod
     def zeros(cls, layout: CacheLayout, num_layers: int, batch: int, num_heads: int, head_dim: int,
               dtype=jnp.bfloat16) -> KVCache:
-        shape = (num_layers, batch, layout.buffer_frames * layout.tokens_per_frame, num_heads, head_dim)
+        shape = (num_layers, batch, layout.buffer_tokens, num_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
     def attention_view(self, layout: CacheLayout) -> tuple[Array, Array, Array]:

@@ -3,7 +3,7 @@
 Parts of `MemoryEstimate` (bytes, batch 1):
 
     dit_weights     the DiT parameter leaves
-    kv_cache        2 (K, V) · layers · buffer_frames · tokens_per_frame · heads · head_dim · itemsize
+    kv_cache        2 (K, V) · layers · buffer_tokens · heads · head_dim · itemsize
                     (compute dtype); global caches (ring_frames 0) grow with --total_blocks
     cross_kv        the prompt's cross-attention K/V (text_len tokens per layer)
     vae_weights     decoder + I2V encoder parameters (a module shared by both counted once)
@@ -104,8 +104,8 @@ def tree_nbytes(*trees) -> int:
 
 
 def kv_cache_bytes(layout: CacheLayout, config: WanConfig, dtype, batch: int = 1) -> int:
-    """Bytes of `KVCache.zeros(layout, ...)`'s k and v: [layers, B, buffer_frames·tokens_per_frame, N, d] each."""
-    tokens = layout.buffer_frames * layout.tokens_per_frame
+    """Bytes of `KVCache.zeros(layout, ...)`'s k and v: [layers, B, buffer_tokens, N, d] each."""
+    tokens = layout.buffer_tokens
     return 2 * config.num_layers * batch * tokens * config.num_heads * config.head_dim * jnp.dtype(dtype).itemsize
 
 
@@ -186,7 +186,8 @@ def _pixel_flag(size: RolloutSize, estimate: MemoryEstimate, capacity: int | Non
 
 
 def _blocks_flag(size: RolloutSize, estimate: MemoryEstimate, capacity: int | None) -> str:
-    per_frame = estimate.kv_cache // size.layout.buffer_frames  # the buffer is total_blocks·chunk + 1 frames
+    # the buffer is total_blocks·chunk + 1 frames (+ padding to whole pages)
+    per_frame = estimate.kv_cache * size.layout.tokens_per_frame // size.layout.buffer_tokens
     per_block = per_frame * size.layout.chunk_frames
     why = (f"now {size.total_blocks}; this recipe's cache keeps every frame, so it grows with --total_blocks: "
            f"{per_block / GIB:.2f} GiB per block")

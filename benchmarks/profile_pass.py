@@ -1,0 +1,130 @@
+"""Kernel-level profile of one denoise pass: where the GPU time of a chunk-vs-cache forward goes.
+
+Traces `--passes` forwards of the Self-Forcing 1.3B DiT (480x832 chunk, `--context_frames` valid cached
+frames in a `--buffer_frames` buffer) with `jax.profiler` (Perfetto trace, no TensorBoard needed) and
+sums the device time of every GPU kernel per category:
+
+    attention   cuDNN fused attention (self and cross)
+    matmul      cuBLAS / CUTLASS / Triton GEMMs (projections, FFN)
+    fusion      XLA's elementwise / reduction fusions (norms, modulation, RoPE, GELU, residuals)
+    copy        memcpy / copy kernels, dynamic-slice and concatenate materialisations
+
+Prints the categories and the most expensive kernels per pass; `--json` keeps them.
+
+    python benchmarks/profile_pass.py --json $OUT/profile_pass.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from _common import fill_random_params, format_table, run_metadata, write_json  # noqa: E402
+from wm_jax.models.config import preset  # noqa: E402
+from wm_jax.models.wan import WanModel  # noqa: E402
+from wm_jax.streaming.kv_cache import PAGE_TOKENS  # noqa: E402
+
+CATEGORIES = (  # first match wins
+    ("attention", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|xmma|sm90_|cublas|nvjet|triton_gemm|dot", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|concatenate|dynamic[-_]slice|dynamic[-_]update", re.I)),
+    ("fusion", re.compile(r"fusion|reduce|loop_|input_|elementwise|transpose|convert", re.I)),
+)
+
+
+def category(name: str) -> str:
+    return next((label for label, pattern in CATEGORIES if pattern.search(name)), "other")
+
+
+def gpu_kernel_events(trace_dir: str) -> list[dict]:
+    """X events on the GPU's stream lines of the Perfetto trace written by jax.profiler."""
+    path = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
+    data = json.load(gzip.open(path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    kernels = [e for e in events if e.get("ph") == "X" and "GPU" in processes.get(e["pid"], "")
+               and "stream" in threads.get((e["pid"], e["tid"]), "").lower()]
+    if not kernels:
+        lines = sorted({(processes.get(pid, "?"), name) for (pid, _), name in threads.items()})
+        raise SystemExit(f"no GPU kernel events in the trace; its lines: {lines}")
+    return kernels
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context_frames", type=int, default=15, help="valid cached latent frames (6th chunk: 15)")
+    p.add_argument("--buffer_frames", type=int, default=22, help="cache buffer (7 blocks global: 21 + 1)")
+    p.add_argument("--passes", type=int, default=5)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    cfg = preset("self-forcing-1.3b").replace(param_dtype="bfloat16")
+    lat_h, lat_w, dtype = 60, 104, jnp.bfloat16
+    tpf = (lat_h // 2) * (lat_w // 2)
+    buffer_tokens = -(-args.buffer_frames * tpf // PAGE_TOKENS) * PAGE_TOKENS  # as CacheLayout.buffer_tokens
+    shape = (cfg.num_layers, 1, buffer_tokens, cfg.num_heads, cfg.head_dim)
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    cache_k, cache_v = (jax.random.normal(next(keys), shape, dtype) for _ in range(2))
+    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype))
+    fill_random_params(model, seed=0)
+    graphdef, params = nnx.split(model)
+    text = jax.random.normal(next(keys), (1, 32, cfg.text_dim), dtype)
+    cross_kv = jax.jit(lambda p, c: (lambda m: m.cross_kv(m.embed_text(c)))(nnx.merge(graphdef, p)))(params, text)
+    x = jax.random.normal(next(keys), (1, 3, lat_h, lat_w, 16), dtype)
+    valid = jnp.asarray(args.context_frames * tpf, jnp.int32)
+
+    @jax.jit
+    def forward(params, x, cache_k, cache_v, valid):
+        model = nnx.merge(graphdef, params)
+        return model.forward_with_cross_kv(x, jnp.full((1, 3), 500.0), cross_kv, frame_offset=valid // tpf,
+                                           cache=(cache_k, cache_v, valid))[0]
+
+    run = lambda: forward(params, x, cache_k, cache_v, valid)
+    for _ in range(3):
+        jax.block_until_ready(run())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(args.passes):
+                jax.block_until_ready(run())
+        events = gpu_kernel_events(trace_dir)
+
+    per_name, per_category = collections.Counter(), collections.Counter()
+    calls = collections.Counter()
+    for e in events:
+        per_name[e["name"]] += e["dur"] / 1e3 / args.passes
+        calls[e["name"]] += 1
+        per_category[category(e["name"])] += e["dur"] / 1e3 / args.passes
+    total = sum(per_category.values())
+    print(format_table(["category", "ms per pass", "share %"],
+                       [[c, f"{ms:.2f}", f"{100 * ms / total:.1f}"] for c, ms in per_category.most_common()]
+                       + [["total (kernels)", f"{total:.2f}", "100.0"]]))
+    print()
+    print(format_table(["kernel", "category", "calls/pass", "ms per pass"],
+                       [[n[:90], category(n), f"{calls[n] / args.passes:.0f}", f"{ms:.3f}"]
+                        for n, ms in per_name.most_common(args.top)]))
+    if args.json:
+        write_json(args.json, {**run_metadata(), "benchmark": "profile_pass", "context_frames": args.context_frames,
+                               "buffer_frames": args.buffer_frames, "ms_per_pass_by_category": dict(per_category),
+                               "kernels": [{"name": n, "category": category(n), "calls_per_pass": calls[n] / args.passes,
+                                            "ms_per_pass": ms} for n, ms in per_name.most_common()]})
+
+
+if __name__ == "__main__":
+    main()
