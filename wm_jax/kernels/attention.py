@@ -119,10 +119,10 @@ def _cudnn_attention_with_lse(q, k, v) -> tuple[jax.Array, jax.Array]:
 def _cudnn_paged_cache_attention(q, cache_k, cache_v, layer, valid) -> tuple[jax.Array, jax.Array]:
     """(out, log-sum-exp) of q over the first `valid` tokens of layer `layer`, read in place.
 
-    The pool is cache [layers, B, T, N, d] reshaped to [layers·B·T/page, page, N, d]; batch b's page
-    table lists layer `layer`'s pages of b first (the rest of the table is never reached: its logical
-    length is the whole pool, its valid length `valid`). cuDNN needs ≥ 1 valid key: an empty cache
-    attends to one key and the caller drops that part.
+    The pool is cache [layers, B, T, N, d] reshaped to [layers·B·T/page, page, N, d]; cuDNN wants each
+    batch row's table to hold pool/B pages, so batch b's table lists layer `layer`'s pages of b first and
+    then whatever follows in the pool (never reached: only the first `valid` tokens count). cuDNN needs
+    ≥ 1 valid key: an empty cache attends to one key and the caller drops that part.
     """
     cudnn = _cudnn_internals()
     layers, b, t, n, d = cache_k.shape
@@ -130,8 +130,9 @@ def _cudnn_paged_cache_attention(q, cache_k, cache_v, layer, valid) -> tuple[jax
     pages_per_layer = t // page
     pool_pages = layers * b * pages_per_layer
     first = (layer * b + jnp.arange(b)) * pages_per_layer  # [B] first page of (layer, b)
-    table = ((first[:, None] + jnp.arange(pool_pages)[None, :]) % pool_pages).astype(jnp.int32)
-    table = table.reshape(b, 1, pool_pages, 1)
+    per_row = pool_pages // b  # = layers · pages_per_layer ≥ the layer's own pages
+    table = ((first[:, None] + jnp.arange(per_row)[None, :]) % pool_pages).astype(jnp.int32)
+    table = table.reshape(b, 1, per_row, 1)
     pool = lambda x: x.reshape(pool_pages, page, n, d)
     out, stats = cudnn.paged_attention(
         q, pool(cache_k), pool(cache_v), jnp.full((b,), q.shape[1], jnp.int32),
