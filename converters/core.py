@@ -12,14 +12,18 @@ write each one out and free it.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from flax import nnx
 
+from wm_jax.io import checkpoint as ckpt
 from wm_jax.io.safetensors_io import CheckpointError
-from wm_jax.io.tensor_sources import Source
+from wm_jax.io.tensor_sources import Source, open_source
 
 Shape = tuple[int, ...]
 
@@ -217,3 +221,47 @@ def convert_tensors(source: Source, rules: Sequence[Rule], expected: Mapping[str
     report = ConversionReport(source.description)
     out = dict(iter_converted(source, rules, expected, ignore, on_tensor, report))
     return out, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources in, modules out (shared by the converter modules).
+# ---------------------------------------------------------------------------------------------------
+
+
+def as_source(source: Source | str | os.PathLike, allow_pickle: bool = False) -> Source:
+    """A Source as is; a path via `open_source` (a `.pth` only with `allow_pickle=True`)."""
+    if isinstance(source, (str, os.PathLike)):
+        return open_source(source, allow_pickle=allow_pickle)
+    return source
+
+
+def make_config(source: Source, config_cls: type, fields: Mapping[str, Any], what: str) -> Any:
+    """`config_cls(**fields)`; a bad field or value is raised as a CheckpointError naming the source and `what`."""
+    try:
+        return config_cls(**fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source.description}: bad {what} config {dict(fields)}: {err}") from None
+
+
+def with_params(build: Callable[[], nnx.Module], flat: Mapping[str, np.ndarray]) -> nnx.Module:
+    """`build()` traced abstractly (nothing allocated), then every parameter set from `flat` (path -> array)."""
+    module = nnx.eval_shape(build)
+    ckpt.assign_params(module, flat)
+    return module
+
+
+def load_converted(folder: str | os.PathLike, kind: str, config_cls: type, build: Callable[[Any], nnx.Module],
+                   expected: Callable[[Any], Mapping[str, tuple[Shape, np.dtype]]] | None = None,
+                   shardings: Mapping[str, Any] | None = None) -> nnx.Module:
+    """Loads a converted folder of `kind` (refusing another kind): `config_cls.from_dict` of its manifest's
+    config, `build(config)` traced abstractly, then its parameters restored in place.
+
+    expected: config -> flat path -> (shape, dtype) as stored (default: the built module's parameters);
+    shardings: path -> sharding of the restored arrays (default: the default device).
+    """
+    manifest = ckpt.read_manifest(folder, kind=kind)
+    config = config_cls.from_dict(manifest["config"])
+    module = nnx.eval_shape(lambda: build(config))
+    spec = expected(config) if expected is not None else ckpt.param_spec(module)
+    ckpt.assign_params(module, ckpt.restore_params(folder, spec, shardings), put=lambda name, value: value)
+    return module

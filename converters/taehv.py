@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.core import CONV2D, Rule, Transform, convert_tensors
+from converters.core import (CONV2D, Rule, Transform, as_source, convert_tensors, load_converted, make_config,
+                             with_params)
 from wm_jax.io import checkpoint as ckpt
 from wm_jax.io.safetensors_io import CheckpointError
-from wm_jax.io.tensor_sources import RenamedSource, Source, open_source
+from wm_jax.io.tensor_sources import RenamedSource, Source
 from wm_jax.models.taehv import MEMBLOCKS_PER_STAGE, NUM_STAGES, TAEHVConfig, TAEHVDecoder
 
 KIND = "taehv"
@@ -127,10 +128,7 @@ def config_for(source: Source, overrides: Mapping[str, Any] | None = None, dtype
                               "decoder_n_f": tuple(int(w) for w in widths)}
     fields.update(overrides or {})
     fields.setdefault("param_dtype", dtype or storage_dtype(source))
-    try:
-        return TAEHVConfig(**fields)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source.description}: bad TAEHV config {fields}: {err}") from None
+    return make_config(source, TAEHVConfig, fields, "TAEHV")
 
 
 def expected_params(cfg: TAEHVConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -141,12 +139,6 @@ def expected_params(cfg: TAEHVConfig) -> dict[str, tuple[tuple[int, ...], np.dty
 def convert_arrays(source: Source, cfg: TAEHVConfig, on_tensor=None):
     """Normalised source + config -> (flat numpy params, report)."""
     return convert_tensors(source, rules_for(cfg), expected_params(cfg), ignore=IGNORED, on_tensor=on_tensor)
-
-
-def _as_source(source: Source | str | Path, allow_pickle: bool) -> Source:
-    if isinstance(source, (str, Path)):
-        return open_source(source, allow_pickle=allow_pickle)
-    return source
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,7 +155,7 @@ def convert(source: Source | str | Path, dst: str | Path, *, overwrite: bool = F
     when `source` is a `.pth` path.
     """
     ckpt.check_destination(dst, overwrite)
-    source = normalize_source(_as_source(source, allow_pickle))
+    source = normalize_source(as_source(source, allow_pickle))
     cfg = config_for(source, config_overrides, dtype)
     with ckpt.atomic_folder(dst, overwrite) as tmp:
         flat, report = convert_arrays(source, cfg, on_tensor)
@@ -176,20 +168,15 @@ def convert(source: Source | str | Path, dst: str | Path, *, overwrite: bool = F
 
 def load(folder: str | Path, *, compute_dtype=jnp.float32, precision=None) -> TAEHVDecoder:
     """Loads a converted folder."""
-    manifest = ckpt.read_manifest(folder, kind=KIND)
-    cfg = TAEHVConfig.from_dict(manifest["config"])
-    model = nnx.eval_shape(lambda: TAEHVDecoder(cfg, compute_dtype=compute_dtype, precision=precision))
-    arrays = ckpt.restore_params(folder, expected_params(cfg))
-    ckpt.assign_params(model, arrays, put=lambda name, value: value)
-    return model
+    return load_converted(folder, KIND, TAEHVConfig,
+                          lambda cfg: TAEHVDecoder(cfg, compute_dtype=compute_dtype, precision=precision),
+                          expected_params)
 
 
 def load_source(source: Source | str | Path, *, compute_dtype=jnp.float32, precision=None,
                 dtype: str | None = None, allow_pickle: bool = False, **config_overrides) -> TAEHVDecoder:
     """In-memory load straight from upstream tensors (no converted folder)."""
-    source = normalize_source(_as_source(source, allow_pickle))
+    source = normalize_source(as_source(source, allow_pickle))
     cfg = config_for(source, config_overrides, dtype)
     flat, _ = convert_arrays(source, cfg)
-    model = nnx.eval_shape(lambda: TAEHVDecoder(cfg, compute_dtype=compute_dtype, precision=precision))
-    ckpt.assign_params(model, flat)
-    return model
+    return with_params(lambda: TAEHVDecoder(cfg, compute_dtype=compute_dtype, precision=precision), flat)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -26,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.core import LINEAR, Rule, convert_tensors
+from converters.core import LINEAR, Rule, as_source, convert_tensors, load_converted, make_config, with_params
 from wm_jax.io import checkpoint as ckpt
 from wm_jax.io.safetensors_io import CheckpointError
-from wm_jax.io.tensor_sources import RenamedSource, Source, open_source
+from wm_jax.io.tensor_sources import RenamedSource, Source
 from wm_jax.models.umt5 import UMT5Config, UMT5Encoder
 
 KIND = "umt5"
@@ -145,10 +146,7 @@ def config_for(source: Source, overrides: Mapping[str, Any] | None = None, dtype
         "num_layers": layers[-1] + 1, "num_buckets": buckets}
     fields.update(overrides or {})
     fields.setdefault("param_dtype", dtype or storage_dtype(source))
-    try:
-        return UMT5Config(**fields)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source.description}: bad umT5 config {fields}: {err}") from None
+    return make_config(source, UMT5Config, fields, "umT5")
 
 
 def expected_params(cfg: UMT5Config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -171,9 +169,9 @@ def params_digest(flat: Mapping[str, Any]) -> str:
 
 
 def _as_source(source, allow_pickle: bool) -> tuple[Source, Path | None]:
-    if isinstance(source, (str, Path)):
-        return open_source(source, allow_pickle=allow_pickle), Path(source)
-    return source, None
+    """(`as_source(source)`, the path it was opened from or None)."""
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    return as_source(source, allow_pickle), path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -226,12 +224,9 @@ def convert(source: Source | str | Path, dst: str | Path, *, overwrite: bool = F
 
 def load(folder: str | Path, *, compute_dtype=jnp.bfloat16, precision=None) -> UMT5Encoder:
     """Loads a converted folder (compute dtype bfloat16 by default, as upstream runs it)."""
-    manifest = ckpt.read_manifest(folder, kind=KIND)
-    cfg = UMT5Config.from_dict(manifest["config"])
-    model = nnx.eval_shape(lambda: UMT5Encoder(cfg, compute_dtype=compute_dtype, precision=precision))
-    arrays = ckpt.restore_params(folder, expected_params(cfg))
-    ckpt.assign_params(model, arrays, put=lambda name, value: value)
-    return model
+    return load_converted(folder, KIND, UMT5Config,
+                          lambda cfg: UMT5Encoder(cfg, compute_dtype=compute_dtype, precision=precision),
+                          expected_params)
 
 
 def load_source(source: Source | str | Path, *, compute_dtype=jnp.float32, precision=None,
@@ -241,6 +236,4 @@ def load_source(source: Source | str | Path, *, compute_dtype=jnp.float32, preci
     source = normalize_source(source)
     cfg = config_for(source, {**_read_hf_config(path), **config_overrides}, dtype)
     flat, _ = convert_arrays(source, cfg)
-    model = nnx.eval_shape(lambda: UMT5Encoder(cfg, compute_dtype=compute_dtype, precision=precision))
-    ckpt.assign_params(model, flat)
-    return model
+    return with_params(lambda: UMT5Encoder(cfg, compute_dtype=compute_dtype, precision=precision), flat)

@@ -17,33 +17,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
 
-from flax import nnx
-
-from converters.core import Rule, convert_tensors
+from converters.core import Rule
 from converters.wan_vae import (
+    VAEConverter,
     _count_indices,
     _require,
-    _with_dtype,
-    as_source,
     conv3d_rules,
     is_diffusers_layout,
     latent_z_dim,
     rename_common,
     rename_resnet_part,
-    to_original_layout,
     trunk_rules,
-)
-from wm_jax.io.checkpoint import (
-    assign_params,
-    atomic_folder,
-    check_destination,
-    param_spec,
-    read_manifest,
-    restore_params,
-    write_manifest,
-    write_params,
+    vae_config,
 )
 from wm_jax.io.safetensors_io import CheckpointError
 from wm_jax.io.tensor_sources import Source
@@ -113,16 +99,9 @@ def infer_config(source: Source, **overrides) -> W22.Wan22VAEConfig:
             temporal_up.append(f"decoder.upsamples.{b}.upsamples.{n}.time_conv.weight" in keys)
     if len(set(resnets)) != 1:
         raise CheckpointError(f"{source.description}: decoder blocks have {resnets} residual blocks; expected equal")
-    config: dict[str, Any] = dict(dec_dim=dec_dim, z_dim=z_dim, dim_mult=tuple(o // dec_dim for o in outs)[::-1],
-                                  num_res_blocks=resnets[0] - 1, temporal_downsample=tuple(temporal_up[::-1]))
-    if z_dim != len(W22.LATENT_MEAN) and not ("latent_mean" in overrides and "latent_std" in overrides):
-        raise CheckpointError(f"{source.description}: z_dim {z_dim}: the built-in latent statistics are for z_dim "
-                              f"{len(W22.LATENT_MEAN)}; pass latent_mean and latent_std in config_overrides")
-    config.update(overrides)
-    try:
-        return W22.Wan22VAEConfig(**config)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source.description}: bad Wan 2.2 VAE config {config}: {err}") from None
+    fields = dict(dec_dim=dec_dim, z_dim=z_dim, dim_mult=tuple(o // dec_dim for o in outs)[::-1],
+                  num_res_blocks=resnets[0] - 1, temporal_downsample=tuple(temporal_up[::-1]))
+    return vae_config(source, W22.Wan22VAEConfig, fields, overrides, "Wan 2.2 VAE")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,41 +117,9 @@ def matches(keys) -> bool:
     return original or diffusers
 
 
-def abstract_module(config: W22.Wan22VAEConfig) -> W22.Wan22VAE:
-    return nnx.eval_shape(lambda: W22.Wan22VAE(config, rngs=nnx.Rngs(0)))
-
-
-def _convert_arrays(source: Source, config_overrides):
-    original, layout = to_original_layout(source, diffusers_renamer)
-    config = infer_config(original, **config_overrides)
-    module = abstract_module(config)
-    arrays, report = convert_tensors(original, rules_for(module), param_spec(module), ignore=IGNORED)
-    return module, config, arrays, report, layout
-
-
-def convert(source, dst, *, overwrite: bool = False, dtype=None, config_overrides=None,
-            allow_pickle: bool = False) -> dict:
-    """Converts a Wan 2.2 VAE checkpoint's decoder (Source or path) into the folder `dst`; returns the manifest."""
-    check_destination(dst, overwrite)
-    source = as_source(source, allow_pickle)
-    _, config, arrays, report, layout = _convert_arrays(source, _with_dtype(config_overrides, dtype))
-    manifest = {"kind": KIND, "config": config.to_dict(), "source": source.description, "layout": layout,
-                "num_tensors": report.num_tensors, "ignored_keys": report.ignored}
-    with atomic_folder(dst, overwrite) as tmp:
-        write_params(tmp, arrays)
-        write_manifest(tmp, manifest)
-    return read_manifest(dst)
-
-
-def load(folder) -> W22.Wan22VAE:
-    manifest = read_manifest(folder, kind=KIND)
-    module = abstract_module(W22.Wan22VAEConfig.from_dict(manifest["config"]))
-    assign_params(module, restore_params(folder, param_spec(module)))
-    return module
-
-
-def load_source(source, *, allow_pickle: bool = False, **config_overrides) -> W22.Wan22VAE:
-    """In-memory conversion (no folder); `config_overrides` may set e.g. compute_dtype or param_dtype."""
-    module, _, arrays, _, _ = _convert_arrays(as_source(source, allow_pickle), config_overrides)
-    assign_params(module, arrays)
-    return module
+WAN22_VAE = VAEConverter(KIND, W22.Wan22VAEConfig, W22.Wan22VAE, infer_config, rules_for, diffusers_renamer,
+                         IGNORED)
+abstract_module = WAN22_VAE.abstract_module
+convert = WAN22_VAE.convert
+load = WAN22_VAE.load
+load_source = WAN22_VAE.load_source

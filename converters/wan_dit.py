@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from converters.core import (SQUEEZE_LEADING, ConversionReport, Rule, convert_tensors, iter_converted, linear_rules,
-                             patch_conv_as_dense)
+                             load_converted, patch_conv_as_dense, with_params)
 from wm_jax.io import checkpoint as ckpt
 from wm_jax.io.safetensors_io import CheckpointError
 from wm_jax.io.tensor_sources import RenamedSource, Source
@@ -256,12 +256,9 @@ def convert(source: Source, dst: str | Path, *, overwrite: bool = False, dtype: 
 def load(folder: str | Path, *, compute_dtype=jnp.float32, attention_impl: str = "auto",
          shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> WanModel:
     """Loads a converted folder into a WanModel (params restored straight into their final placement)."""
-    manifest = ckpt.read_manifest(folder, kind=KIND)
-    cfg = WanConfig.from_dict(manifest["config"])
-    model = nnx.eval_shape(lambda: WanModel(cfg, compute_dtype=compute_dtype, attention_impl=attention_impl))
-    arrays = ckpt.restore_params(folder, expected_params(cfg), shardings)
-    ckpt.assign_params(model, arrays, put=lambda name, value: value)
-    return model
+    return load_converted(folder, KIND, WanConfig,
+                          lambda cfg: WanModel(cfg, compute_dtype=compute_dtype, attention_impl=attention_impl),
+                          expected_params, shardings)
 
 
 def load_source(source: Source, *, compute_dtype=jnp.float32, attention_impl: str = "auto",
@@ -270,9 +267,7 @@ def load_source(source: Source, *, compute_dtype=jnp.float32, attention_impl: st
     source = normalize_source(source)
     cfg = config_for(source, config_overrides, dtype)
     flat, _ = convert_arrays(source, cfg)
-    model = nnx.eval_shape(lambda: WanModel(cfg, compute_dtype=compute_dtype, attention_impl=attention_impl))
-    ckpt.assign_params(model, flat)
-    return model
+    return with_params(lambda: WanModel(cfg, compute_dtype=compute_dtype, attention_impl=attention_impl), flat)
 
 
 # ---------------------------------------------------------------------------------------------------

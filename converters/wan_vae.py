@@ -15,26 +15,26 @@ The latent mean/std are constants of the code (SPEC trap 19), used when z_dim is
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flax import nnx
 
-from converters.core import CONV2D, CONV3D, Rule, Transform, convert_tensors
+from converters.core import (CONV2D, CONV3D, Rule, Transform, as_source, convert_tensors, load_converted,
+                             make_config)
 from wm_jax.io.checkpoint import (
     assign_params,
     atomic_folder,
     check_destination,
     param_spec,
     read_manifest,
-    restore_params,
     write_manifest,
     write_params,
 )
 from wm_jax.io.safetensors_io import CheckpointError
-from wm_jax.io.tensor_sources import RenamedSource, Source, open_source
+from wm_jax.io.tensor_sources import RenamedSource, Source
 from wm_jax.models import wan_vae as W
 
 KIND = "wan_vae"
@@ -225,16 +225,23 @@ def infer_config(source: Source, **overrides) -> W.WanVAEConfig:
         raise CheckpointError(f"{source.description}: decoder levels have {[len(lv) for lv in levels]} residual "
                               "blocks; expected equal non-zero counts")
     dim_mult = tuple(lv[0] // dim for lv in levels)[::-1]
-    config = dict(dim=dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=len(levels[0]) - 1,
+    fields = dict(dim=dim, z_dim=z_dim, dim_mult=dim_mult, num_res_blocks=len(levels[0]) - 1,
                   temporal_downsample=tuple(temporal_up[::-1]))
-    if z_dim != len(W.LATENT_MEAN) and not ("latent_mean" in overrides and "latent_std" in overrides):
-        raise CheckpointError(f"{source.description}: z_dim {z_dim}: the built-in latent statistics are for z_dim "
-                              f"{len(W.LATENT_MEAN)}; pass latent_mean and latent_std in config_overrides")
-    config.update(overrides)
-    try:
-        return W.WanVAEConfig(**config)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source.description}: bad Wan VAE config {config}: {err}") from None
+    return vae_config(source, W.WanVAEConfig, fields, overrides, "Wan VAE")
+
+
+def vae_config(source: Source, config_cls: type, fields: Mapping[str, Any], overrides: Mapping[str, Any],
+               what: str) -> Any:
+    """`config_cls` from the `fields` read off `source`, `overrides` winning (CheckpointError if bad).
+
+    The built-in latent statistics (the default config's) fit its z_dim only: another inferred z_dim needs
+    latent_mean and latent_std in `overrides`.
+    """
+    builtin_z_dim = config_cls().z_dim
+    if fields["z_dim"] != builtin_z_dim and not ("latent_mean" in overrides and "latent_std" in overrides):
+        raise CheckpointError(f"{source.description}: z_dim {fields['z_dim']}: the built-in latent statistics are "
+                              f"for z_dim {builtin_z_dim}; pass latent_mean and latent_std in config_overrides")
+    return make_config(source, config_cls, {**fields, **overrides}, what)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,60 +258,71 @@ def matches(keys) -> bool:
     return original or diffusers
 
 
-def as_source(source: Source | str | os.PathLike, allow_pickle: bool = False) -> Source:
-    """A Source as is; a path via `open_source` (a `.pth` only with `allow_pickle=True`)."""
-    if isinstance(source, (str, os.PathLike)):
-        return open_source(source, allow_pickle=allow_pickle)
-    return source
+@dataclass(frozen=True)
+class VAEConverter:
+    """The converter interface (`convert`, `load`, `load_source`) of one Wan VAE generation, from its parts.
 
-
-def _with_dtype(overrides: Mapping[str, Any] | None, dtype) -> dict[str, Any]:
-    overrides = dict(overrides or {})
-    if dtype is not None:
-        overrides["param_dtype"] = W.dtype_name(W.dtype_from_name(dtype))
-    return overrides
-
-
-def abstract_module(config: W.WanVAEConfig) -> W.WanVAE:
-    return nnx.eval_shape(lambda: W.WanVAE(config, rngs=nnx.Rngs(0)))
-
-
-def _convert_arrays(source: Source, config_overrides: Mapping[str, Any], *, infer=infer_config,
-                    build=abstract_module, rules=rules_for, renamer=diffusers_renamer, ignore=()):
-    original, layout = to_original_layout(source, renamer)
-    config = infer(original, **config_overrides)
-    module = build(config)
-    arrays, report = convert_tensors(original, rules(module), param_spec(module), ignore=ignore)
-    return module, config, arrays, report, layout
-
-
-def convert(source, dst, *, overwrite: bool = False, dtype=None, config_overrides=None,
-            allow_pickle: bool = False) -> dict:
-    """Converts a Wan 2.1 VAE checkpoint (Source or path) into the folder `dst`; returns the manifest.
-
-    dtype: stored parameter dtype (default float32). config_overrides: WanVAEConfig fields that win over
-    the inferred ones (e.g. compute_dtype). allow_pickle: needed only when `source` is a `.pth` path.
+    kind: the manifest kind; config_cls / module_cls: its config dataclass and module (`build(config)`:
+    `module_cls(config, rngs=nnx.Rngs(0))`); infer_config(original-layout source, **overrides) -> config;
+    rules_for(abstract module) -> rules; renamer: keys -> diffusers-to-original key renamer; ignore:
+    regexes of source keys dropped on purpose.
     """
-    check_destination(dst, overwrite)
-    source = as_source(source, allow_pickle)
-    _, config, arrays, report, layout = _convert_arrays(source, _with_dtype(config_overrides, dtype))
-    manifest = {"kind": KIND, "config": config.to_dict(), "source": source.description, "layout": layout,
-                "num_tensors": report.num_tensors, "ignored_keys": report.ignored}
-    with atomic_folder(dst, overwrite) as tmp:
-        write_params(tmp, arrays)
-        write_manifest(tmp, manifest)
-    return read_manifest(dst)
+
+    kind: str
+    config_cls: type
+    module_cls: type
+    infer_config: Callable[..., Any]
+    rules_for: Callable[[nnx.Module], list[Rule]]
+    renamer: Callable[[Any], Callable[[str], str]]
+    ignore: tuple[str, ...] = ()
+
+    def build(self, config) -> nnx.Module:
+        return self.module_cls(config, rngs=nnx.Rngs(0))
+
+    def abstract_module(self, config) -> nnx.Module:
+        return nnx.eval_shape(lambda: self.build(config))
+
+    def convert_arrays(self, source: Source, config_overrides: Mapping[str, Any]):
+        """Any-layout source -> (abstract module, config, flat numpy params, report, layout name)."""
+        original, layout = to_original_layout(source, self.renamer)
+        config = self.infer_config(original, **config_overrides)
+        module = self.abstract_module(config)
+        arrays, report = convert_tensors(original, self.rules_for(module), param_spec(module), ignore=self.ignore)
+        return module, config, arrays, report, layout
+
+    def convert(self, source, dst, *, overwrite: bool = False, dtype=None, config_overrides=None,
+                allow_pickle: bool = False) -> dict:
+        """Converts a checkpoint (Source or path) into the folder `dst`; returns the manifest.
+
+        dtype: stored parameter dtype (default float32). config_overrides: config fields that win over
+        the inferred ones (e.g. compute_dtype). allow_pickle: needed only when `source` is a `.pth` path.
+        """
+        check_destination(dst, overwrite)
+        source = as_source(source, allow_pickle)
+        overrides = dict(config_overrides or {})
+        if dtype is not None:
+            overrides["param_dtype"] = W.dtype_name(W.dtype_from_name(dtype))
+        _, config, arrays, report, layout = self.convert_arrays(source, overrides)
+        manifest = {"kind": self.kind, "config": config.to_dict(), "source": source.description, "layout": layout,
+                    "num_tensors": report.num_tensors, "ignored_keys": report.ignored}
+        with atomic_folder(dst, overwrite) as tmp:
+            write_params(tmp, arrays)
+            write_manifest(tmp, manifest)
+        return read_manifest(dst)
+
+    def load(self, folder) -> nnx.Module:
+        """Loads a converted folder."""
+        return load_converted(folder, self.kind, self.config_cls, self.build)
+
+    def load_source(self, source, *, allow_pickle: bool = False, **config_overrides) -> nnx.Module:
+        """In-memory conversion (no folder); `config_overrides` may set e.g. compute_dtype or param_dtype."""
+        module, _, arrays, _, _ = self.convert_arrays(as_source(source, allow_pickle), config_overrides)
+        assign_params(module, arrays)
+        return module
 
 
-def load(folder) -> W.WanVAE:
-    manifest = read_manifest(folder, kind=KIND)
-    module = abstract_module(W.WanVAEConfig.from_dict(manifest["config"]))
-    assign_params(module, restore_params(folder, param_spec(module)))
-    return module
-
-
-def load_source(source, *, allow_pickle: bool = False, **config_overrides) -> W.WanVAE:
-    """In-memory conversion (no folder); `config_overrides` may set e.g. compute_dtype or param_dtype."""
-    module, _, arrays, _, _ = _convert_arrays(as_source(source, allow_pickle), config_overrides)
-    assign_params(module, arrays)
-    return module
+WAN21_VAE = VAEConverter(KIND, W.WanVAEConfig, W.WanVAE, infer_config, rules_for, diffusers_renamer)
+abstract_module = WAN21_VAE.abstract_module
+convert = WAN21_VAE.convert
+load = WAN21_VAE.load
+load_source = WAN21_VAE.load_source

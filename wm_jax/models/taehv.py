@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from wm_jax.models.precision import precision_from_name
+
 Array = jax.Array
 
 NUM_STAGES = 3
@@ -212,16 +214,6 @@ class Stage(nnx.Module):
         return self.conv(x), new_memory
 
 
-def _precision(p):
-    """None, a `jax.lax.Precision`, or its name ("default", "high", "highest")."""
-    if p is None or isinstance(p, jax.lax.Precision):
-        return p
-    try:
-        return jax.lax.Precision[str(p).upper()]
-    except KeyError:
-        raise ValueError(f"unknown precision {p!r}; use default, high or highest") from None
-
-
 class TAEHVDecoder(nnx.Module):
     """TAEHV base decoder; see the module docstring. Use `decode_video` / `decode_chunk` to run it."""
 
@@ -236,7 +228,7 @@ class TAEHVDecoder(nnx.Module):
         """
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         kw = {"param_dtype": jnp.dtype(cfg.param_dtype), "dtype": jnp.dtype(compute_dtype),
-              "precision": _precision(precision)}
+              "precision": precision_from_name(precision)}
         n = cfg.decoder_n_f
         self.config = cfg
         self.compute_dtype = jnp.dtype(compute_dtype)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wm_jax.models.precision import precision_from_name
+
 Array = jax.Array
 
 
@@ -101,15 +103,6 @@ def relative_position_buckets(q_len: int, k_len: int, num_buckets: int = 32, max
     out = out.astype(np.int32)
     out.setflags(write=False)
     return out
-
-
-def _precision(p):
-    if p is None or isinstance(p, jax.lax.Precision):
-        return p
-    try:
-        return jax.lax.Precision[str(p).upper()]
-    except KeyError:
-        raise ValueError(f"unknown precision {p!r}; use default, high or highest") from None
 
 
 class Linear(nnx.Module):
@@ -214,7 +207,7 @@ class UMT5Encoder(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         param_dtype = jnp.dtype(cfg.param_dtype)
         dtype = jnp.dtype(compute_dtype)
-        precision = _precision(precision)
+        precision = precision_from_name(precision)
         self.config = cfg
         self.compute_dtype = dtype
         self.token_embedding = Embed(cfg.vocab_size, cfg.dim, rngs=rngs, param_dtype=param_dtype)

@@ -69,22 +69,21 @@ def dtype_name(dtype: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class WanVAEConfig:
-    """Wan 2.1 VAE hyper-parameters (defaults: the released `Wan2.1_VAE.pth`).
+class WanVAEConfigBase:
+    """Hyper-parameters shared by the Wan 2.1 and Wan 2.2 VAE configs (each adds its width and defaults).
 
-    dim: encoder/decoder base width (96); z_dim: latent channels (16); dim_mult: width multipliers per
-    resolution level; num_res_blocks: residual blocks per encoder level (decoder levels have one more);
-    temporal_downsample: which encoder downsamplers also halve time (the decoder mirrors it);
-    param_dtype / compute_dtype: "float32" | "bfloat16" | "float16".
+    z_dim: latent channels; latent_mean / latent_std: per-channel statistics of the raw latents (z_dim
+    entries each); dim_mult: width multipliers per resolution level; num_res_blocks: residual blocks per
+    encoder level (decoder levels have one more); temporal_downsample: which encoder downsamplers also
+    halve time (the decoder mirrors it); param_dtype / compute_dtype: "float32" | "bfloat16" | "float16".
     """
 
-    dim: int = 96
-    z_dim: int = 16
+    z_dim: int
+    latent_mean: tuple[float, ...]
+    latent_std: tuple[float, ...]
     dim_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
-    latent_mean: tuple[float, ...] = LATENT_MEAN
-    latent_std: tuple[float, ...] = LATENT_STD
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
 
@@ -115,12 +114,25 @@ class WanVAEConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "WanVAEConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "WanVAEConfigBase":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class WanVAEConfig(WanVAEConfigBase):
+    """Wan 2.1 VAE hyper-parameters (defaults: the released `Wan2.1_VAE.pth`); see `WanVAEConfigBase`.
+
+    dim: encoder/decoder base width (96); z_dim: latent channels (16).
+    """
+
+    z_dim: int = 16
+    latent_mean: tuple[float, ...] = LATENT_MEAN
+    latent_std: tuple[float, ...] = LATENT_STD
+    dim: int = 96
 
 
 def num_pixel_frames(num_latents: int, temporal_stride: int = 4) -> int:
@@ -394,6 +406,20 @@ class Resample(nnx.Module):
         return jnp.concatenate([head, self.time_conv.conv(seq)], axis=1)
 
 
+def level_layers(in_dim: int, out_dim: int, num_blocks: int, resample_mode: str | None, *,
+                 resample_out_dim: int | None = None, rngs: nnx.Rngs, param_dtype=jnp.float32) -> list[nnx.Module]:
+    """One resolution level: `num_blocks` residual blocks in_dim -> out_dim, then a `Resample(out_dim,
+    resample_mode, out_dim=resample_out_dim)` unless `resample_mode` is None (the last level)."""
+    kw = dict(rngs=rngs, param_dtype=param_dtype)
+    layers: list[nnx.Module] = []
+    for _ in range(num_blocks):
+        layers.append(ResidualBlock(in_dim, out_dim, **kw))
+        in_dim = out_dim
+    if resample_mode is not None:
+        layers.append(Resample(out_dim, resample_mode, out_dim=resample_out_dim, **kw))
+    return layers
+
+
 def _silu_head(norm: RMSNorm, conv: CausalConv3d, x: jax.Array, cursor) -> jax.Array:
     return conv(jax.nn.silu(norm(x)), cursor)
 
@@ -408,25 +434,26 @@ class Encoder3d(nnx.Module):
         self.conv1 = CausalConv3d(3, dims[0], 3, **kw)
         layers: list[nnx.Module] = []
         for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
-            for _ in range(num_res_blocks):
-                layers.append(ResidualBlock(din, dout, **kw))
-                din = dout
-            if i != len(dim_mult) - 1:
-                mode = "downsample3d" if temporal_downsample[i] else "downsample2d"
-                layers.append(Resample(dout, mode, **kw))
+            last = i == len(dim_mult) - 1
+            mode = None if last else ("downsample3d" if temporal_downsample[i] else "downsample2d")
+            layers += level_layers(din, dout, num_res_blocks, mode, **kw)
         self.downsamples = nnx.List(layers)
         top = dims[-1]
-        self.middle = nnx.List([ResidualBlock(top, top, **kw), AttentionBlock(top, **kw),
-                                ResidualBlock(top, top, **kw)])
+        self.middle = _middle_blocks(top, **kw)
         self.head_norm = RMSNorm(top, param_dtype=param_dtype)
         self.head_conv = CausalConv3d(top, out_dim, 3, **kw)
 
     def __call__(self, x: jax.Array, cursor: _CacheCursor | None, started: bool) -> jax.Array:
         x = self.conv1(x, cursor)
-        for layer in self.downsamples:
-            x = layer(x, cursor, started) if isinstance(layer, Resample) else layer(x, cursor)
+        x = _run_layers(self.downsamples, x, cursor, started)
         x = _run_middle(self.middle, x, cursor)
         return _silu_head(self.head_norm, self.head_conv, x, cursor)
+
+
+def _middle_blocks(dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.List:
+    """`middle` of an encoder or decoder at width `dim`: residual block, attention block, residual block."""
+    kw = dict(rngs=rngs, param_dtype=param_dtype)
+    return nnx.List([ResidualBlock(dim, dim, **kw), AttentionBlock(dim, **kw), ResidualBlock(dim, dim, **kw)])
 
 
 def _run_middle(middle, x, cursor):
@@ -435,35 +462,49 @@ def _run_middle(middle, x, cursor):
     return x
 
 
+def _run_layers(layers, x, cursor, started):
+    """Runs `layers` in order: residual blocks as `(x, cursor)`, the others (resamplers) as `(x, cursor, started)`."""
+    for layer in layers:
+        x = layer(x, cursor) if isinstance(layer, ResidualBlock) else layer(x, cursor, started)
+    return x
+
+
 class Decoder3d(nnx.Module):
-    """Wan 2.1 decoder: `[B, T, h, w, z_dim]` (raw latents after conv2) -> `[B, T_px, 8h, 8w, 3]`, unclamped."""
+    """Wan 2.1 decoder: `[B, T, h, w, z_dim]` (raw latents after conv2) -> `[B, T_px, 8h, 8w, 3]`, unclamped.
+
+    `conv1`, `middle`, the per-level `upsamples` (`_levels`), then `head_norm` + `head_conv` (dims[-1] ->
+    `head_channels`); level widths dim·[dim_mult[-1], *dim_mult reversed].
+    """
+
+    head_channels = 3
 
     def __init__(self, dim: int, z_dim: int, dim_mult: Sequence[int], num_res_blocks: int,
                  temporal_upsample: Sequence[bool], *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         kw = dict(rngs=rngs, param_dtype=param_dtype)
         dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, **kw)
-        self.middle = nnx.List([ResidualBlock(dims[0], dims[0], **kw), AttentionBlock(dims[0], **kw),
-                                ResidualBlock(dims[0], dims[0], **kw)])
+        self.middle = _middle_blocks(dims[0], **kw)
+        self.upsamples = nnx.List(self._levels(dims, num_res_blocks, temporal_upsample, **kw))
+        self.head_norm = RMSNorm(dims[-1], param_dtype=param_dtype)
+        self.head_conv = CausalConv3d(dims[-1], self.head_channels, 3, **kw)
+
+    def _levels(self, dims: Sequence[int], num_res_blocks: int, temporal_upsample: Sequence[bool],
+                **kw) -> list[nnx.Module]:
+        """Level i (dims[i] -> dims[i+1]): num_res_blocks + 1 residual blocks, then an upsampler that halves
+        the channels (not on the last level)."""
         layers: list[nnx.Module] = []
         for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
                 din //= 2  # the previous level's upsampler halved the channels
-            for _ in range(num_res_blocks + 1):
-                layers.append(ResidualBlock(din, dout, **kw))
-                din = dout
-            if i != len(dim_mult) - 1:
-                mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
-                layers.append(Resample(dout, mode, **kw))
-        self.upsamples = nnx.List(layers)
-        self.head_norm = RMSNorm(dims[-1], param_dtype=param_dtype)
-        self.head_conv = CausalConv3d(dims[-1], 3, 3, **kw)
+            last = i == len(dims) - 2
+            mode = None if last else ("upsample3d" if temporal_upsample[i] else "upsample2d")
+            layers += level_layers(din, dout, num_res_blocks + 1, mode, **kw)
+        return layers
 
     def __call__(self, x: jax.Array, cursor: _CacheCursor | None, started: bool) -> jax.Array:
         x = self.conv1(x, cursor)
         x = _run_middle(self.middle, x, cursor)
-        for layer in self.upsamples:
-            x = layer(x, cursor, started) if isinstance(layer, Resample) else layer(x, cursor)
+        x = _run_layers(self.upsamples, x, cursor, started)
         return _silu_head(self.head_norm, self.head_conv, x, cursor)
 
 
@@ -576,12 +617,40 @@ def _encode_chunk_jit(graphdef, state, video, cache):
     return nnx.merge(graphdef, state).encode_chunk(video, cache)
 
 
+class LatentDecoderVAE(nnx.Module):
+    """What `WanVAE` and `Wan22VAE` share: the latent constants of their config and the decoding methods.
+
+    A subclass calls `super().__init__(config)` first, then builds `conv2` (1³ post-quant conv, z -> z) and
+    defines `_decode_body(x, cursor, started) -> [B, T_px, H·s, W·s, 3]`.
+    """
+
+    def __init__(self, config: WanVAEConfigBase):
+        self.config = config
+        self.compute_dtype = dtype_from_name(config.compute_dtype)
+        self.z_dim = config.z_dim
+        self.latent_mean, self.latent_std = config.latent_mean, config.latent_std
+        self.spatial_stride, self.temporal_stride = config.spatial_stride, config.temporal_stride
+
+    def init_decoder_cache(self, batch: int, latent_h: int, latent_w: int, dtype=None) -> CausalCache:
+        """Zero cache for latents `[batch, T, latent_h, latent_w, z_dim]`."""
+        return init_decoder_cache(self, batch, latent_h, latent_w, dtype)
+
+    def decode_chunk(self, z: jax.Array, cache: CausalCache, *, clamp: bool = True):
+        """`[B, T, H, W, z_dim]` normalised latents -> (frames `[B, T_px, H·s, W·s, 3]` float32, new cache)."""
+        return decode_chunk(self, z, cache, clamp=clamp)
+
+    def decode(self, z: jax.Array, *, chunk_latents: int | None = None, clamp: bool = True,
+               jit: bool = True) -> jax.Array:
+        """`[B, T, H, W, z_dim]` -> `[B, 1 + 4(T-1), H·s, W·s, 3]` float32 (s = spatial_stride)."""
+        return decode(self, z, chunk_latents=chunk_latents, clamp=clamp, jit=jit)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The Wan 2.1 VAE.
 # ---------------------------------------------------------------------------------------------------
 
 
-class WanVAE(nnx.Module):
+class WanVAE(LatentDecoderVAE):
     """Wan 2.1 VAE: `encoder` + `conv1` (1³, 2z -> 2z) | `conv2` (1³, z -> z) + `decoder`.
 
     Attribute names follow the upstream module tree (converter rules map the rest). The compute dtype is
@@ -589,14 +658,9 @@ class WanVAE(nnx.Module):
     """
 
     def __init__(self, config: WanVAEConfig = WanVAEConfig(), *, rngs: nnx.Rngs | None = None):
+        super().__init__(config)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.config = config
-        pdt = dtype_from_name(config.param_dtype)
-        self.compute_dtype = dtype_from_name(config.compute_dtype)
-        self.z_dim = config.z_dim
-        self.latent_mean, self.latent_std = config.latent_mean, config.latent_std
-        self.spatial_stride, self.temporal_stride = config.spatial_stride, config.temporal_stride
-        kw = dict(rngs=rngs, param_dtype=pdt)
+        kw = dict(rngs=rngs, param_dtype=dtype_from_name(config.param_dtype))
         self.encoder = Encoder3d(config.dim, 2 * config.z_dim, config.dim_mult, config.num_res_blocks,
                                  config.temporal_downsample, **kw)
         self.conv1 = CausalConv3d(2 * config.z_dim, 2 * config.z_dim, 1, **kw)
@@ -608,16 +672,6 @@ class WanVAE(nnx.Module):
 
     def _decode_body(self, x, cursor, started):
         return self.decoder(x, cursor, started)
-
-    def init_decoder_cache(self, batch: int, latent_h: int, latent_w: int, dtype=None) -> CausalCache:
-        return init_decoder_cache(self, batch, latent_h, latent_w, dtype)
-
-    def decode_chunk(self, z: jax.Array, cache: CausalCache, *, clamp: bool = True):
-        return decode_chunk(self, z, cache, clamp=clamp)
-
-    def decode(self, z: jax.Array, *, chunk_latents: int | None = None, clamp: bool = True,
-               jit: bool = True) -> jax.Array:
-        return decode(self, z, chunk_latents=chunk_latents, clamp=clamp, jit=jit)
 
     # -- encoding -----------------------------------------------------------------------------------
 

@@ -18,27 +18,21 @@ Latents `[B, T, H, W, 48]` (normalised as the DiT sees them) -> video `[B, 1 + 4
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from wm_jax.models.wan_vae import (
-    AttentionBlock,
-    CausalCache,
     CausalConv3d,
-    Resample,
-    ResidualBlock,
-    RMSNorm,
+    Decoder3d,
+    LatentDecoderVAE,
+    WanVAEConfigBase,
     _CacheCursor,
-    _run_middle,
-    _silu_head,
-    decode,
-    decode_chunk,
+    _run_layers,
     dtype_from_name,
-    init_decoder_cache,
+    level_layers,
 )
 
 # Wan-Video/Wan2.2 `wan/modules/vae2_2.py`, `Wan2_2_VAE.__init__`.
@@ -57,56 +51,21 @@ PATCH = 2  # 2×2 space-to-depth around the network: 12 = 3 colours × 2 × 2
 
 
 @dataclasses.dataclass(frozen=True)
-class Wan22VAEConfig:
-    """Wan 2.2 VAE decoder hyper-parameters (defaults: the released `Wan2.2_VAE.pth`).
+class Wan22VAEConfig(WanVAEConfigBase):
+    """Wan 2.2 VAE decoder hyper-parameters (defaults: the released `Wan2.2_VAE.pth`); see `WanVAEConfigBase`.
 
     dec_dim: decoder base width (256; level widths dec_dim·[4, 4, 4, 2, 1]); z_dim 48;
     temporal_downsample: the encoder's flags (the decoder uses them reversed: levels 0, 1 double time).
     """
 
-    dec_dim: int = 256
     z_dim: int = 48
-    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    temporal_downsample: tuple[bool, ...] = (False, True, True)
     latent_mean: tuple[float, ...] = LATENT_MEAN
     latent_std: tuple[float, ...] = LATENT_STD
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-
-    def __post_init__(self):
-        object.__setattr__(self, "dim_mult", tuple(int(m) for m in self.dim_mult))
-        object.__setattr__(self, "temporal_downsample", tuple(bool(t) for t in self.temporal_downsample))
-        object.__setattr__(self, "latent_mean", tuple(float(v) for v in self.latent_mean))
-        object.__setattr__(self, "latent_std", tuple(float(v) for v in self.latent_std))
-        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
-            raise ValueError(f"temporal_downsample needs {len(self.dim_mult) - 1} entries, got "
-                             f"{self.temporal_downsample}")
-        if len(self.latent_mean) != self.z_dim or len(self.latent_std) != self.z_dim:
-            raise ValueError(f"latent_mean/latent_std need {self.z_dim} entries (z_dim), got "
-                             f"{len(self.latent_mean)}/{len(self.latent_std)}")
-        dtype_from_name(self.param_dtype)
-        dtype_from_name(self.compute_dtype)
+    dec_dim: int = 256
 
     @property
     def spatial_stride(self) -> int:
-        return PATCH * 2 ** (len(self.dim_mult) - 1)
-
-    @property
-    def temporal_stride(self) -> int:
-        return 2 ** sum(self.temporal_downsample)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Wan22VAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return PATCH * super().spatial_stride
 
 
 def dup_up_3d(x: jax.Array, out_dim: int, factor_t: int, factor_s: int, first_chunk: bool) -> jax.Array:
@@ -137,81 +96,50 @@ class UpResidualBlock(nnx.Module):
 
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int, temporal_upsample: bool, up_flag: bool, *,
                  rngs: nnx.Rngs, param_dtype=jnp.float32):
-        kw = dict(rngs=rngs, param_dtype=param_dtype)
         self.in_dim, self.out_dim, self.up_flag = in_dim, out_dim, up_flag
         self.factor_t = 2 if (up_flag and temporal_upsample) else 1
-        layers: list[nnx.Module] = []
-        d = in_dim
-        for _ in range(num_blocks):
-            layers.append(ResidualBlock(d, out_dim, **kw))
-            d = out_dim
-        if up_flag:
-            mode = "upsample3d" if temporal_upsample else "upsample2d"
-            layers.append(Resample(out_dim, mode, out_dim=out_dim, **kw))
-        self.upsamples = nnx.List(layers)
+        mode = ("upsample3d" if temporal_upsample else "upsample2d") if up_flag else None
+        self.upsamples = nnx.List(level_layers(in_dim, out_dim, num_blocks, mode, resample_out_dim=out_dim,
+                                               rngs=rngs, param_dtype=param_dtype))
 
     def __call__(self, x: jax.Array, cursor: _CacheCursor | None, started: bool) -> jax.Array:
-        y = x
-        for layer in self.upsamples:
-            y = layer(y, cursor, started) if isinstance(layer, Resample) else layer(y, cursor)
+        y = _run_layers(self.upsamples, x, cursor, started)
         if not self.up_flag:
             return y
         return y + dup_up_3d(x, self.out_dim, self.factor_t, 2, first_chunk=not started)
 
 
-class Decoder3d22(nnx.Module):
-    """Wan 2.2 decoder: `[B, T, h, w, z]` (after conv2) -> `[B, T_px, 8h, 8w, 12]` (space-to-depth RGB)."""
+class Decoder3d22(Decoder3d):
+    """Wan 2.2 decoder: `[B, T, h, w, z]` (after conv2) -> `[B, T_px, 8h, 8w, 12]` (space-to-depth RGB).
 
-    def __init__(self, dim: int, z_dim: int, dim_mult: Sequence[int], num_res_blocks: int,
-                 temporal_upsample: Sequence[bool], *, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        kw = dict(rngs=rngs, param_dtype=param_dtype)
-        dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
-        self.conv1 = CausalConv3d(z_dim, dims[0], 3, **kw)
-        self.middle = nnx.List([ResidualBlock(dims[0], dims[0], **kw), AttentionBlock(dims[0], **kw),
-                                ResidualBlock(dims[0], dims[0], **kw)])
-        blocks = []
+    The Wan 2.1 decoder with one `UpResidualBlock` per level.
+    """
+
+    head_channels = 3 * PATCH * PATCH
+
+    def _levels(self, dims: Sequence[int], num_res_blocks: int, temporal_upsample: Sequence[bool],
+                **kw) -> list[nnx.Module]:
+        blocks: list[nnx.Module] = []
         for i, (din, dout) in enumerate(zip(dims[:-1], dims[1:])):
             t_up = bool(temporal_upsample[i]) if i < len(temporal_upsample) else False
-            blocks.append(UpResidualBlock(din, dout, num_res_blocks + 1, t_up, i != len(dim_mult) - 1, **kw))
-        self.upsamples = nnx.List(blocks)
-        self.head_norm = RMSNorm(dims[-1], param_dtype=param_dtype)
-        self.head_conv = CausalConv3d(dims[-1], 3 * PATCH * PATCH, 3, **kw)
-
-    def __call__(self, x: jax.Array, cursor: _CacheCursor | None, started: bool) -> jax.Array:
-        x = self.conv1(x, cursor)
-        x = _run_middle(self.middle, x, cursor)
-        for block in self.upsamples:
-            x = block(x, cursor, started)
-        return _silu_head(self.head_norm, self.head_conv, x, cursor)
+            blocks.append(UpResidualBlock(din, dout, num_res_blocks + 1, t_up, i != len(dims) - 2, **kw))
+        return blocks
 
 
-class Wan22VAE(nnx.Module):
-    """Wan 2.2 VAE, decoder side: `conv2` (1³ post-quant, z -> z) + `decoder` + unpatchify."""
+class Wan22VAE(LatentDecoderVAE):
+    """Wan 2.2 VAE, decoder side: `conv2` (1³ post-quant, z -> z) + `decoder` + unpatchify.
+
+    Decoding (`init_decoder_cache`, `decode_chunk`, `decode`): latents `[B, T, H, W, 48]` -> frames
+    `[B, 1 + 4(T-1), 16H, 16W, 3]` float32 in [-1, 1].
+    """
 
     def __init__(self, config: Wan22VAEConfig = Wan22VAEConfig(), *, rngs: nnx.Rngs | None = None):
+        super().__init__(config)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.config = config
         pdt = dtype_from_name(config.param_dtype)
-        self.compute_dtype = dtype_from_name(config.compute_dtype)
-        self.z_dim = config.z_dim
-        self.latent_mean, self.latent_std = config.latent_mean, config.latent_std
-        self.spatial_stride, self.temporal_stride = config.spatial_stride, config.temporal_stride
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1, rngs=rngs, param_dtype=pdt)
         self.decoder = Decoder3d22(config.dec_dim, config.z_dim, config.dim_mult, config.num_res_blocks,
                                    config.temporal_downsample[::-1], rngs=rngs, param_dtype=pdt)
 
     def _decode_body(self, x, cursor, started):
         return unpatchify(self.decoder(x, cursor, started))
-
-    def init_decoder_cache(self, batch: int, latent_h: int, latent_w: int, dtype=None) -> CausalCache:
-        """Zero cache for latents `[batch, T, latent_h, latent_w, 48]`."""
-        return init_decoder_cache(self, batch, latent_h, latent_w, dtype)
-
-    def decode_chunk(self, z: jax.Array, cache: CausalCache, *, clamp: bool = True):
-        """`[B, T, H, W, 48]` normalised latents -> (frames `[B, T_px, 16H, 16W, 3]` float32, new cache)."""
-        return decode_chunk(self, z, cache, clamp=clamp)
-
-    def decode(self, z: jax.Array, *, chunk_latents: int | None = None, clamp: bool = True,
-               jit: bool = True) -> jax.Array:
-        """`[B, T, H, W, 48]` -> `[B, 1 + 4(T-1), 16H, 16W, 3]` float32 in [-1, 1]."""
-        return decode(self, z, chunk_latents=chunk_latents, clamp=clamp, jit=jit)
