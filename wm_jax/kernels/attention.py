@@ -1,7 +1,7 @@
-"""The one attention entry point of the model.
+"""The one home of attention in wm_jax.
 
-Every attention in wm_jax (self, cross, chunk-vs-cache) calls `attention`; kernels are swapped here,
-never in the model. Layout is BTNH: q `[B, Tq, N, d]`, k/v `[B, Tk, N, d]` -> `[B, Tq, N, d]`.
+Every attention of the model calls `attention` (self, cross, full-sequence references) or
+`attention_with_cache` (a chunk against the KV cache); kernels are swapped here, never in the model. Layout is BTNH: q `[B, Tq, N, d]`, k/v `[B, Tk, N, d]` -> `[B, Tq, N, d]`.
 Semantics: softmax(q kᵀ / √d) v over all keys, except that keys at positions `>= kv_valid_length[b]`
 are ignored (the unfilled tail of a fixed-size KV cache) and, where a dense boolean `mask [Tq, Tk]` is
 given (True = attend), masked-out keys are ignored. The streaming hot path never builds a dense mask;
@@ -84,7 +84,7 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     XLA (reference): slices the layer, concatenates [own ; cache] and runs one attention. cuDNN: attends
     to the chunk, and to the cache through cuDNN's paged attention over the stacked buffer viewed as a
     pool of `page` token blocks (a reshape, no copy), then merges the two by their log-sum-exps. On an
-    H100 at 480x832 this saves the ~3.8 ms per pass that copying every layer's slice cost.
+    H100 at 480x832 this saves the ~3.6 ms per pass that copying every layer's slice cost.
     """
     implementation = _resolve(q, implementation)
     if implementation == "xla" or _cudnn_internals() is None:
