@@ -13,6 +13,7 @@ from wm_jax.io import checkpoint as ckpt
 from wm_jax.io.safetensors_io import CheckpointError
 from wm_jax.io.tensor_sources import ArraySource, open_source
 from wm_jax.models import taehv
+from tests.wan_testlib import random_taehv_state as random_state_dict
 
 _ROOT = Path(__file__).resolve().parents[1]
 # shared/ sits beside the checkout (CI, developers) or inside it (device-machine copies).
@@ -28,39 +29,8 @@ def rel_l2(a, b) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Random checkpoints in the upstream key layout, and an independent torch reference.
+# An independent torch reference (random upstream-layout checkpoints: tests.wan_testlib).
 # ---------------------------------------------------------------------------------------------------
-
-
-def random_state_dict(seed: int, z: int, widths=(32, 16, 8, 8), patch: int = 1, tgrow_rows_factor: int = 2,
-                      with_encoder: bool = False) -> dict[str, np.ndarray]:
-    """Upstream `TAEHV.state_dict()`-style decoder keys; every TGrow stored with `tgrow_rows_factor`·n rows,
-    as the released checkpoints do (stride 2 everywhere)."""
-    rng = np.random.default_rng(seed)
-
-    def conv(o, i, k, scale=1.0):
-        return (rng.standard_normal((o, i, k, k)) * scale / np.sqrt(i * k * k)).astype(np.float32)
-
-    def bias(o, offset=0.0):
-        return (offset + 0.02 * rng.standard_normal(o)).astype(np.float32)
-
-    sd = {"decoder.1.weight": conv(widths[0], z, 3), "decoder.1.bias": bias(widths[0])}
-    for s in range(3):
-        n, base = widths[s], 3 + 6 * s
-        for k in range(3):
-            sd[f"decoder.{base + k}.conv.0.weight"] = conv(n, 2 * n, 3)
-            sd[f"decoder.{base + k}.conv.0.bias"] = bias(n)
-            for j in (2, 4):
-                sd[f"decoder.{base + k}.conv.{j}.weight"] = conv(n, n, 3)
-                sd[f"decoder.{base + k}.conv.{j}.bias"] = bias(n)
-        sd[f"decoder.{base + 4}.conv.weight"] = conv(tgrow_rows_factor * n, n, 1)
-        sd[f"decoder.{base + 5}.weight"] = conv(widths[s + 1], n, 3)
-    sd["decoder.22.weight"] = conv(3 * patch * patch, widths[3], 3, scale=0.3)
-    sd["decoder.22.bias"] = bias(3 * patch * patch, offset=0.5)
-    if with_encoder:
-        sd["encoder.0.weight"] = conv(64, 3 * patch * patch, 3)
-        sd["encoder.0.bias"] = bias(64)
-    return sd
 
 
 def torch_reference(sd: dict[str, np.ndarray], latent_ntchw: np.ndarray, time_strides=(1, 2, 2),

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ from wm_jax.io.tensor_sources import ArraySource, open_source
 from wm_jax.models import text_encoding
 from wm_jax.models.text_encoding import TextEncoder, TokenizerNotFoundError, UMT5Tokenizer, clean_prompt
 from wm_jax.models.umt5 import relative_position_buckets
+from tests.wan_testlib import make_tokenizer_folder
 
 TOL = 1e-5
 TINY = {"vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 2, "d_kv": 32, "d_ff": 128,
@@ -97,29 +96,6 @@ def batch(length: int, real: list[int], seed: int = 1, vocab: int = 512):
         mask[b, :n] = 1
         ids[b, n:] = 0
     return ids, mask
-
-
-def make_tokenizer_folder(folder: Path) -> Path:
-    """A small SentencePiece-style (Unigram + Metaspace) tokenizer laid out like google/umt5-xxl's files."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    corpus = ["a red fox jumps over the lazy dog", "the camera pans left across a snowy mountain",
-              "a cat sleeps on a sunny windowsill", "waves crash on the rocky shore at sunset"] * 20
-    tok.train_from_iterator(corpus, trainers.UnigramTrainer(
-        vocab_size=120, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    tok.save(str(folder / "tokenizer.json"))
-    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 512, **special}))
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------------

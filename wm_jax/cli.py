@@ -240,12 +240,13 @@ def _friendly_errors(main):
     def wrapped(argv):
         from wm_jax.io.hub import HubError
         from wm_jax.io.safetensors_io import CheckpointError
+        from wm_jax.models.text_encoding import TokenizerNotFoundError
         from wm_jax.parity import ParityError
         from wm_jax.streaming.memory import DeviceMemoryError
 
         try:
             return main(argv)
-        except (CheckpointError, DeviceMemoryError, HubError, ParityError, ValueError) as err:
+        except (CheckpointError, DeviceMemoryError, HubError, ParityError, TokenizerNotFoundError, ValueError) as err:
             sys.stderr.write(f"wm-jax: error: {err}\n")
             sys.exit(1)
 

@@ -19,6 +19,7 @@ def download(repo_id: str, allow_patterns: Sequence[str] | None = None, *, cache
     when the hub is unreachable or the repo/files do not exist.
     """
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
 
     patterns = list(allow_patterns) if allow_patterns else None
     try:
@@ -33,7 +34,9 @@ def download(repo_id: str, allow_patterns: Sequence[str] | None = None, *, cache
             + "".join(f" --include '{p}'" for p in patterns or ())
             + "\nand pass the local folder instead (e.g. --src PATH), or copy it into the hub cache "
               f"({cache_dir or 'HF_HOME'}).") from None
-    files = [p for p in Path(path).rglob("*") if p.is_file()]
-    if not files:
+    # The snapshot folder is shared by every download of this repo revision: count only the files asked for.
+    root = Path(path)
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    if not list(filter_repo_objects(files, allow_patterns=patterns)):
         raise HubError(f"{repo_id}: no files match {patterns}")
-    return Path(path)
+    return root

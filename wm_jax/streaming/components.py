@@ -63,17 +63,23 @@ def build_random(recipe: Recipe, seed: int, compute_dtype=jnp.float32) -> Compon
 # ---------------------------------------------------------------------------------------------------
 
 COMPONENT_KINDS = {"dit": "wan_dit", "text_encoder": "umt5", "vae": "wan_vae", "decoder": "taehv"}
+# Converters that read files beside the weights (`source_path`): the DiT's config.json (head count, eps),
+# the umT5 tokenizer folder (`google/umt5-xxl/`, copied into the converted folder).
+_READS_SOURCE_PATH = ("dit", "text_encoder")
 
 
 def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pickle: bool,
                      cache_dir: str | None = None) -> Path:
     """`folder` if it already holds a converted component, else download + convert it there."""
     import converters
-    from wm_jax.io.hub import download
+    from wm_jax.io.hub import HubError, download
     from wm_jax.io.tensor_sources import open_source
 
     if (folder / "wm_jax.json").is_file():
         return folder
+    if folder.exists():
+        raise CheckpointError(f"{folder} exists but holds no converted {name} (no wm_jax.json); remove it to "
+                              f"download and convert the {name} there again")
     if hub is None:
         raise CheckpointError(f"{folder}: no converted {name} here and the recipe names no hub files for it; "
                               f"convert one with `wm-jax convert --src ... --dst {folder}`")
@@ -82,8 +88,12 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
                               f"(or convert it yourself with `wm-jax convert ... --dst {folder}`)")
     root = download(hub.repo, hub.allow_patterns, cache_dir=cache_dir)
     src = root / hub.path if hub.path else root
+    if not src.exists():
+        raise HubError(f"{hub.repo}: the download (files {list(hub.allow_patterns)}) has no {hub.path!r}, the {name} "
+                       f"weights this recipe converts")
     source = open_source(src, allow_pickle=allow_pickle, prefer_entries=("generator_ema", "generator"))
-    converters.converter(COMPONENT_KINDS[name]).convert(source, folder)
+    extra = {"source_path": src} if name in _READS_SOURCE_PATH else {}
+    converters.converter(COMPONENT_KINDS[name]).convert(source, folder, **extra)
     return folder
 
 

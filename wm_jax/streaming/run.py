@@ -156,10 +156,12 @@ def run(options: RunOptions) -> dict:
         parts = load_components(recipe, options.checkpoint, compute_dtype=compute_dtype,
                                 dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
     load_s = time.perf_counter() - start
+    text_features = parts.encode_prompt(prompt)
+    parts.encode_prompt = None  # frees the text encoder (umT5-XXL: ~11 GB in bf16) before the rollout allocates
     rollout = WorldRollout(recipe, parts.dit, parts.decoder, pixel_height=recipe.pixel_height,
                            pixel_width=recipe.pixel_width, total_blocks=recipe.total_blocks, seed=recipe.seed,
                            vae_encoder=parts.vae_encoder)
-    rollout.start(parts.encode_prompt(prompt), image=image, camera=camera)
+    rollout.start(text_features, image=image, camera=camera)
 
     video_path = out_dir / f"{recipe.slug}.mp4"
     latents = []
