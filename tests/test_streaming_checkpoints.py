@@ -357,3 +357,19 @@ def test_leftover_folder_without_manifest_is_named(hub, tmp_path):
     with pytest.raises(CheckpointError, match=r"(?s)ckpt/dit.*no wm_jax\.json.*remove it"):
         run(lingbot_options(tmp_path))
     assert hub.calls == [] and (tmp_path / "ckpt" / "dit" / "stray.bin").is_file()
+
+
+@pytest.mark.parametrize("slug, changes, message", [
+    (LINGBOT, dict(in_dim=16, camera_channels=None), "takes 16 input channels; recipe .* feeds 36"),
+    (LINGBOT, dict(camera_channels=None), "has no camera layers"),
+    (LINGBOT, dict(text_dim=32), "expects 32-wide text features; the text encoder .* gives 64"),
+])
+def test_dit_that_cannot_serve_the_recipe_is_refused(slug, changes, message, tmp_path):
+    from wm_jax.io.safetensors_io import CheckpointError
+    from wm_jax.streaming.components import check_compatible
+
+    recipe = RECIPES[slug]
+    good = model_config(recipe)
+    check_compatible(recipe, good, good.text_dim, tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        check_compatible(recipe, good.replace(**changes), 64, tmp_path)

@@ -97,6 +97,22 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
     return folder
 
 
+def check_compatible(recipe: Recipe, dit: WanConfig, text_dim: int, checkpoint_dir: Path) -> None:
+    """Raises CheckpointError when the converted DiT cannot serve the recipe (wrong task inputs, no
+    camera layers for a camera recipe, or a text width other than the text encoder's)."""
+    where = f"--checkpoint {checkpoint_dir}: {checkpoint_dir / 'dit'}"
+    inputs = 16 + 20 if recipe.task == "i2v_camera" else 16  # noise (+ mask 4 + image latent 16)
+    if dit.in_dim != inputs:
+        raise CheckpointError(f"{where} takes {dit.in_dim} input channels; recipe {recipe.slug} ({recipe.task}) "
+                              f"feeds {inputs}. Wrong --hub_repo or checkpoint for this recipe?")
+    if recipe.task == "i2v_camera" and not dit.camera_channels:
+        raise CheckpointError(f"{where} has no camera layers; recipe {recipe.slug} steers the camera "
+                              "(a LingBot-World camera checkpoint is needed)")
+    if dit.text_dim != text_dim:
+        raise CheckpointError(f"{where} expects {dit.text_dim}-wide text features; the text encoder in "
+                              f"{checkpoint_dir / 'text_encoder'} gives {text_dim}")
+
+
 def load_components(recipe: Recipe, checkpoint_dir: str | Path, *, compute_dtype, dit_hub_repo: str | None = None,
                     allow_pickle: bool = False, cache_dir: str | None = None,
                     text_cache_dir: str | None = None) -> Components:
@@ -123,6 +139,7 @@ def load_components(recipe: Recipe, checkpoint_dir: str | Path, *, compute_dtype
     else:
         decoder = taehv_decoder(taehv_conv.load(folder("decoder"), compute_dtype=compute_dtype))
     text = TextEncoder.from_folder(folder("text_encoder"), cache_dir=text_cache_dir)
+    check_compatible(recipe, dit.config, text.config.dim, root)
     return Components(dit=dit, decoder=decoder, vae_encoder=vae if recipe.task == "i2v_camera" else None,
                       encode_prompt=lambda p: np.asarray(text.encode([p])[0], np.float32)[None],
                       description={"weights": str(root), "text": "umT5"})
