@@ -37,7 +37,7 @@ from _common import fill_random_params, format_table, run_metadata, time_calls, 
 from wm_jax.kernels.attention import attention, attention_with_cache  # noqa: E402
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
-from wm_jax.streaming.kv_cache import PAGE_TOKENS  # noqa: E402
+from wm_jax.streaming.kv_cache import CacheLayout  # noqa: E402
 
 
 def torch_sdpa_ms(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, layers: int, iters: int):
@@ -84,7 +84,7 @@ def main(argv=None):
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     tpf = (lat_h // 2) * (lat_w // 2)
     L, layers, heads, hd = 3 * tpf, cfg.num_layers, cfg.num_heads, cfg.head_dim
-    buffer_tokens = -(-args.buffer_frames * tpf // PAGE_TOKENS) * PAGE_TOKENS  # as CacheLayout.buffer_tokens
+    buffer_tokens = CacheLayout(tpf, sink_frames=args.buffer_frames - 1, ring_frames=0).buffer_tokens
     keys = iter(jax.random.split(jax.random.key(0), 16))
     rand = lambda shape: jax.random.normal(next(keys), shape, dtype)
     q, k, v = rand((1, L, heads, hd)), rand((1, L, heads, hd)), rand((1, L, heads, hd))

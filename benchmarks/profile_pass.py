@@ -36,7 +36,7 @@ from flax import nnx  # noqa: E402
 from _common import fill_random_params, format_table, run_metadata, write_json  # noqa: E402
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
-from wm_jax.streaming.kv_cache import PAGE_TOKENS  # noqa: E402
+from wm_jax.streaming.kv_cache import CacheLayout  # noqa: E402
 
 CATEGORIES = (  # first match wins
     ("attention", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
@@ -78,7 +78,7 @@ def main(argv=None):
     cfg = preset("self-forcing-1.3b").replace(param_dtype="bfloat16")
     lat_h, lat_w, dtype = 60, 104, jnp.bfloat16
     tpf = (lat_h // 2) * (lat_w // 2)
-    buffer_tokens = -(-args.buffer_frames * tpf // PAGE_TOKENS) * PAGE_TOKENS  # as CacheLayout.buffer_tokens
+    buffer_tokens = CacheLayout(tpf, sink_frames=args.buffer_frames - 1, ring_frames=0).buffer_tokens
     shape = (cfg.num_layers, 1, buffer_tokens, cfg.num_heads, cfg.head_dim)
     keys = iter(jax.random.split(jax.random.key(0), 8))
     cache_k, cache_v = (jax.random.normal(next(keys), shape, dtype) for _ in range(2))

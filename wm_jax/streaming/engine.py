@@ -266,12 +266,13 @@ class WorldRollout:
         states = [jax.eval_shape(lambda: self.decoder.init_state(1, self.latent_h, self.latent_w))]
         if encoder is not None:
             states.append(jax.eval_shape(lambda: encoder.init_encoder_cache(1, self.pixel_height, self.pixel_width)))
+        cache = jax.eval_shape(lambda: self.step.init_cache(1))
         dit_weights = memory.tree_nbytes(self.step.params)
         vae_weights = memory.tree_nbytes(self.decoder.weights, None if encoder is None else nnx.state(encoder))
         in_use = memory.device_bytes_in_use()
         return memory.MemoryEstimate(
             dit_weights=dit_weights,
-            kv_cache=memory.kv_cache_bytes(self.layout, cfg, self.step.compute_dtype),
+            kv_cache=memory.tree_nbytes(cache.k, cache.v),
             cross_kv=memory.tree_nbytes(jax.eval_shape(self.step.cross_kv, text)),
             vae_weights=vae_weights,
             vae_state=memory.tree_nbytes(*states),

@@ -103,12 +103,6 @@ def tree_nbytes(*trees) -> int:
     return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves.values())
 
 
-def kv_cache_bytes(layout: CacheLayout, config: WanConfig, dtype, batch: int = 1) -> int:
-    """Bytes of `KVCache.zeros(layout, ...)`'s k and v: [layers, B, buffer_tokens, N, d] each."""
-    tokens = layout.buffer_tokens
-    return 2 * config.num_layers * batch * tokens * config.num_heads * config.head_dim * jnp.dtype(dtype).itemsize
-
-
 def rough_activation_bytes(config: WanConfig, tokens: int) -> int:
     """Hidden states of `tokens` tokens through one block in float32: q, k, v, output (dim) + FFN hidden."""
     return tokens * (4 * config.dim + config.ffn_dim) * 4
