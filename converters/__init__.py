@@ -3,20 +3,27 @@
 Each converter module (`converters.<kind>`) provides:
 
     matches(keys: set[str]) -> bool            # does this key set look like this kind of checkpoint?
-    convert(source, dst, *, overwrite, dtype, config_overrides) -> dict   # write a converted folder
+    convert(source, dst, *, overwrite, dtype, config_overrides, on_tensor) -> dict   # write a converted folder
     load(folder) -> nnx.Module                 # load a converted folder
     load_source(source, **config_overrides) -> nnx.Module   # in-memory load (small models)
 
-`detect_kind` tries them in order.
+`detect_kind` tries them in order; `convert_path` opens a checkpoint path and converts it with its kind.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 
 from wm_jax.io.safetensors_io import CheckpointError
 
 KINDS = ("wan_dit", "wan_vae", "wan2_2_vae", "taehv", "umt5")
+# Kinds whose converter also reads files beside the weights (`source_path`): the DiT's config.json
+# (head count, eps), the umT5 tokenizer folder (copied into the converted folder).
+READS_SOURCE_PATH = ("wan_dit", "umt5")
+# Training checkpoints (Self-Forcing `.pt`): the state dicts to use, in order of preference.
+PREFERRED_ENTRIES = ("generator_ema", "generator")
 
 
 def converter(kind: str):
@@ -36,3 +43,19 @@ def detect_kind(keys: set[str]) -> str:
     sample = sorted(keys)[:8]
     raise CheckpointError(f"cannot tell what kind of checkpoint this is (first keys: {sample}); "
                           f"pass --kind, one of {', '.join(KINDS)}")
+
+
+def convert_path(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str = "auto", allow_pickle: bool = False,
+                 **options) -> dict:
+    """Converts the checkpoint at `src` (file, index or folder; a torch pickle only with `allow_pickle`)
+    into the folder `dst` and returns its manifest. kind "auto" detects it from the keys; `options` go
+    to the converter's `convert` (overwrite, dtype, config_overrides, on_tensor)."""
+    from wm_jax.io.tensor_sources import open_source
+
+    src = Path(src)
+    source = open_source(src, allow_pickle=allow_pickle, prefer_entries=PREFERRED_ENTRIES)
+    kind = detect_kind(set(source.keys())) if kind == "auto" else kind
+    if kind in READS_SOURCE_PATH:
+        options["source_path"] = src
+    return converter(kind).convert(source, dst, **options)
+

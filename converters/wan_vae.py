@@ -282,16 +282,18 @@ class VAEConverter:
     def abstract_module(self, config) -> nnx.Module:
         return nnx.eval_shape(lambda: self.build(config))
 
-    def convert_arrays(self, source: Source, config_overrides: Mapping[str, Any]):
-        """Any-layout source -> (abstract module, config, flat numpy params, report, layout name)."""
+    def convert_arrays(self, source: Source, config_overrides: Mapping[str, Any], on_tensor=None):
+        """Any-layout source -> (abstract module, config, flat numpy params, report, layout name);
+        `on_tensor` as in `converters.core.convert_tensors`."""
         original, layout = to_original_layout(source, self.renamer)
         config = self.infer_config(original, **config_overrides)
         module = self.abstract_module(config)
-        arrays, report = convert_tensors(original, self.rules_for(module), param_spec(module), ignore=self.ignore)
+        arrays, report = convert_tensors(original, self.rules_for(module), param_spec(module), ignore=self.ignore,
+                                         on_tensor=on_tensor)
         return module, config, arrays, report, layout
 
     def convert(self, source, dst, *, overwrite: bool = False, dtype=None, config_overrides=None,
-                allow_pickle: bool = False) -> dict:
+                allow_pickle: bool = False, on_tensor=None) -> dict:
         """Converts a checkpoint (Source or path) into the folder `dst`; returns the manifest.
 
         dtype: stored parameter dtype (default float32). config_overrides: config fields that win over
@@ -302,7 +304,7 @@ class VAEConverter:
         overrides = dict(config_overrides or {})
         if dtype is not None:
             overrides["param_dtype"] = W.dtype_name(W.dtype_from_name(dtype))
-        _, config, arrays, report, layout = self.convert_arrays(source, overrides)
+        _, config, arrays, report, layout = self.convert_arrays(source, overrides, on_tensor)
         manifest = {"kind": self.kind, "config": config.to_dict(), "source": source.description, "layout": layout,
                     "num_tensors": report.num_tensors, "ignored_keys": report.ignored}
         with atomic_folder(dst, overwrite) as tmp:

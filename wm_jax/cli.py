@@ -80,7 +80,7 @@ def _convert_main(argv):
     import converters
     from converters import wan_dit
     from wm_jax.io.hub import download
-    from wm_jax.io.tensor_sources import PICKLE_SUFFIXES, open_source
+    from wm_jax.io.tensor_sources import open_source
 
     if not FLAGS.dst:
         raise UsageError("--dst is required")
@@ -95,21 +95,15 @@ def _convert_main(argv):
             [f"{src}/*"] if src and not src.suffix else [str(src)] if src else ["*.safetensors", "*.json"])
         root = download(FLAGS.hub_repo, patterns, cache_dir=FLAGS.cache_dir)
         src = root / src if src else root
-    open_fn = lambda p: open_source(p, allow_pickle=FLAGS.allow_pickle,
-                                    prefer_entries=("generator_ema", "generator"))
     progress = _Progress()
+    options = dict(overwrite=FLAGS.overwrite, dtype=FLAGS.dtype, config_overrides=overrides, on_tensor=progress)
     if wan_dit.is_expert_folder(src):
-        manifest = wan_dit.convert_experts(src, FLAGS.dst, open_fn=open_fn, overwrite=FLAGS.overwrite,
-                                           dtype=FLAGS.dtype, config_overrides=overrides,
-                                           boundary=FLAGS.boundary, on_tensor=progress)
+        open_fn = lambda p: open_source(p, allow_pickle=FLAGS.allow_pickle,
+                                        prefer_entries=converters.PREFERRED_ENTRIES)
+        manifest = wan_dit.convert_experts(src, FLAGS.dst, open_fn=open_fn, boundary=FLAGS.boundary, **options)
     else:
-        source = open_fn(src)
-        kind = FLAGS.kind if FLAGS.kind != "auto" else converters.detect_kind(set(source.keys()))
-        module = converters.converter(kind)
-        kwargs = dict(overwrite=FLAGS.overwrite, dtype=FLAGS.dtype, config_overrides=overrides)
-        if kind == "wan_dit":
-            kwargs.update(source_path=src if src.suffix not in PICKLE_SUFFIXES else None, on_tensor=progress)
-        manifest = module.convert(source, FLAGS.dst, **kwargs)
+        manifest = converters.convert_path(src, FLAGS.dst, kind=FLAGS.kind, allow_pickle=FLAGS.allow_pickle,
+                                           **options)
     print(f"converted {src} -> {FLAGS.dst} ({manifest['kind']}, {progress.count} tensors)")
     print("config: " + ", ".join(f"{k}={v}" for k, v in manifest["config"].items() if v is not None))
 

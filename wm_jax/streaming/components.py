@@ -63,9 +63,6 @@ def build_random(recipe: Recipe, seed: int, compute_dtype=jnp.float32) -> Compon
 # ---------------------------------------------------------------------------------------------------
 
 COMPONENT_KINDS = {"dit": "wan_dit", "text_encoder": "umt5", "vae": "wan_vae", "decoder": "taehv"}
-# Converters that read files beside the weights (`source_path`): the DiT's config.json (head count, eps),
-# the umT5 tokenizer folder (`google/umt5-xxl/`, copied into the converted folder).
-_READS_SOURCE_PATH = ("dit", "text_encoder")
 
 
 def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pickle: bool,
@@ -73,7 +70,6 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
     """`folder` if it already holds a converted component, else download + convert it there."""
     import converters
     from wm_jax.io.hub import HubError, download
-    from wm_jax.io.tensor_sources import open_source
 
     if (folder / "wm_jax.json").is_file():
         return folder
@@ -91,9 +87,7 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
     if not src.exists():
         raise HubError(f"{hub.repo}: the download (files {list(hub.allow_patterns)}) has no {hub.path!r}, the {name} "
                        f"weights this recipe converts")
-    source = open_source(src, allow_pickle=allow_pickle, prefer_entries=("generator_ema", "generator"))
-    extra = {"source_path": src} if name in _READS_SOURCE_PATH else {}
-    converters.converter(COMPONENT_KINDS[name]).convert(source, folder, **extra)
+    converters.convert_path(src, folder, kind=COMPONENT_KINDS[name], allow_pickle=allow_pickle)
     return folder
 
 
