@@ -159,9 +159,15 @@ def test_streamed_rollout_equals_full_sequence_forwards(name, model, full_forwar
         assert (frames - layout.sink_frames) // layout.ring_frames >= 2, "the ring must wrap at least twice"
 
 
-def test_attention_mask_with_a_cache_is_refused():
+def test_attention_mask_of_the_wrong_shape_or_with_a_cache_is_refused():
     model = WanModel(CONFIG.replace(camera_channels=None), compute_dtype=jnp.float32, attention_impl="xla")
     x = jnp.zeros((1, CHUNK, LATENT_H, LATENT_W, CONFIG.in_dim))
     kv = model.cross_kv(model.embed_text(jnp.zeros((1, 4, CONFIG.text_dim))))
     with pytest.raises(ValueError, match="attention_mask must be"):
         model.forward_with_cross_kv(x, jnp.zeros((1,)), kv, attention_mask=jnp.ones((5, 5), bool))
+    tokens = CHUNK * TOKENS_PER_FRAME
+    layout = CacheLayout(TOKENS_PER_FRAME, sink_frames=CHUNK, ring_frames=0)
+    cache = StreamingStep(model, self_forcing_schedule(), layout).init_cache(1, jnp.float32)
+    with pytest.raises(ValueError, match="cannot be combined with a cache"):
+        model.forward_with_cross_kv(x, jnp.zeros((1,)), kv, attention_mask=jnp.ones((tokens, tokens), bool),
+                                    cache=cache.attention_view(layout))

@@ -1,7 +1,8 @@
 """The one home of attention in wm_jax.
 
 Every attention of the model calls `attention` (self, cross, full-sequence references) or
-`attention_with_cache` (a chunk against the KV cache); kernels are swapped here, never in the model. Layout is BTNH: q `[B, Tq, N, d]`, k/v `[B, Tk, N, d]` -> `[B, Tq, N, d]`.
+`attention_with_cache` (a chunk against the KV cache); kernels are swapped here, never in the model.
+Layout is BTNH: q `[B, Tq, N, d]`, k/v `[B, Tk, N, d]` -> `[B, Tq, N, d]`.
 Semantics: softmax(q kᵀ / √d) v over all keys, except that keys at positions `>= kv_valid_length[b]`
 are ignored (the unfilled tail of a fixed-size KV cache) and, where a dense boolean `mask [Tq, Tk]` is
 given (True = attend), masked-out keys are ignored. The streaming hot path never builds a dense mask;

@@ -432,10 +432,10 @@ class WanModel(nnx.Module):
                 raise ValueError(f"camera map has shape {camera.shape}; expected "
                                  f"{(*x.shape[:4], cfg.camera_channels)}")
             camera = self.camera_embed(camera.astype(self.compute_dtype))
-        if attention_mask is not None and (cache is not None or attention_mask.shape != (f * s, f * s)):
-            raise ValueError(f"attention_mask must be [{f * s}, {f * s}] (tokens of x) and cannot be combined "
-                             f"with a cache; got shape {attention_mask.shape}"
-                             + (" and a cache" if cache is not None else ""))
+        if attention_mask is not None and cache is not None:
+            raise ValueError("attention_mask covers the tokens of x only; it cannot be combined with a cache")
+        if attention_mask is not None and attention_mask.shape != (f * s, f * s):
+            raise ValueError(f"attention_mask must be [{f * s}, {f * s}] (tokens of x), got {attention_mask.shape}")
         inputs = BlockInputs(e0=e0, rope=rope_for_grid(cfg.head_dim, f, h // 2, w // 2, frame_offset),
                              camera=camera, attention_mask=attention_mask)
         graphdef, state = nnx.split(self.blocks)
