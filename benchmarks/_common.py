@@ -5,8 +5,13 @@ Import this AFTER setting XLA_* environment variables (the scripts do it on thei
 
 from __future__ import annotations
 
+import collections
+import functools
+import glob
+import gzip
 import importlib.metadata
 import json
+import re
 import math
 import os
 import platform
@@ -110,10 +115,18 @@ def _draw(key, shape: tuple[int, ...], dtype: str, kind: str, scale: float):
 _draw_jit = jax.jit(_draw, static_argnums=(1, 2, 3, 4))
 
 
-def fill_random_params(module, seed: int = 0, stacked_prefixes: Sequence[str] = ("blocks",)) -> int:
+@functools.cache
+def _draw_sharded(sharding):
+    return jax.jit(_draw, static_argnums=(1, 2, 3, 4), out_shardings=sharding)
+
+
+def fill_random_params(module, seed: int = 0, stacked_prefixes: Sequence[str] = ("blocks",),
+                       shardings: dict[str, Any] | None = None) -> int:
     """Replaces every `nnx.Param` of `module` (concrete or from `nnx.eval_shape`) with random values
-    drawn directly on the default device in the parameter's own dtype (a bf16 model never has an
-    fp32 copy). Kernels ~ N(0, 1/fan_in) (fan_in = product of all but the output axis, leaving out a
+    drawn directly on the devices in the parameter's own dtype (a bf16 model never has an fp32 copy),
+    one parameter at a time: on the default device, or in `shardings[path]` (flat path -> sharding, e.g.
+    `wm_jax.parallel.sharding.flat_param_shardings`; a replicated parameter is drawn on every device of
+    its mesh, never copied from one). Kernels ~ N(0, 1/fan_in) (fan_in = product of all but the output axis, leaving out a
     leading layer axis for paths under `stacked_prefixes`); norm scales/gammas ~ 1 + 0.05·N; biases,
     modulation tables and other vectors ~ 0.02·N (never zeros). Returns the number of parameters.
     """
@@ -136,7 +149,8 @@ def fill_random_params(module, seed: int = 0, stacked_prefixes: Sequence[str] = 
             kind, scale = "scale", 1.0
         else:
             kind, scale = "small", 0.02
-        new.append((path, var.replace(_draw_jit(jax.random.fold_in(key, i), shape, dtype, kind, scale))))
+        draw = _draw_jit if shardings is None else _draw_sharded(shardings[name])
+        new.append((path, var.replace(draw(jax.random.fold_in(key, i), shape, dtype, kind, scale))))
         count += math.prod(shape)
     nnx.update(module, nnx.from_flat_state(new))
     return count
@@ -153,12 +167,57 @@ def tree_bytes(tree) -> int:
     return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-def device_memory() -> dict[str, float] | None:
-    """bytes_in_use / peak_bytes_in_use / bytes_limit of device 0 in GiB (None where unsupported, e.g. CPU)."""
-    stats = jax.devices()[0].memory_stats()
+def device_memory(device=None) -> dict[str, float] | None:
+    """bytes_in_use / peak_bytes_in_use / bytes_limit of a device (default: the first) in GiB (None where
+    unsupported, e.g. CPU)."""
+    stats = (device or jax.devices()[0]).memory_stats()
     if not stats:
         return None
     return {k + "_gib": stats[k] / 2**30 for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU kernel time from a jax.profiler trace.
+# ---------------------------------------------------------------------------------------------------
+
+KERNEL_CATEGORIES = (  # first match wins
+    ("collective", re.compile(r"nccl|all[-_]?to[-_]?all|all[-_]?gather|all[-_]?reduce|send|recv", re.I)),
+    ("attention", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|xmma|sm90_|cublas|nvjet|triton_gemm|dot", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy|concatenate|dynamic[-_]slice|dynamic[-_]update", re.I)),
+    ("fusion", re.compile(r"fusion|reduce|loop_|input_|elementwise|transpose|convert", re.I)),
+)
+
+
+def kernel_category(name: str) -> str:
+    return next((label for label, pattern in KERNEL_CATEGORIES if pattern.search(name)), "other")
+
+
+def gpu_kernel_events(trace_dir: str, device: int | None = None) -> list[dict]:
+    """X events on the GPU stream lines of the Perfetto trace written by jax.profiler (only GPU `device`'s
+    when given: its process line is named '/device:GPU:<device>')."""
+    path = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
+    data = json.load(gzip.open(path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    wanted = (lambda name: "GPU" in name) if device is None else \
+        (lambda name: re.search(rf"GPU:{device}(\D|$)", name) is not None)
+    kernels = [e for e in events if e.get("ph") == "X" and wanted(processes.get(e["pid"], ""))
+               and "stream" in threads.get((e["pid"], e["tid"]), "").lower()]
+    if not kernels:
+        lines = sorted({(processes.get(pid, "?"), name) for (pid, _), name in threads.items()})
+        raise RuntimeError(f"no GPU kernel events in the trace; its lines: {lines}")
+    return kernels
+
+
+def kernel_time_by_category(events: list[dict], repeats: int = 1) -> dict[str, float]:
+    """Milliseconds of kernel time per category, divided by `repeats`."""
+    per_category = collections.Counter()
+    for e in events:
+        per_category[kernel_category(e["name"])] += e["dur"] / 1e3 / repeats
+    return dict(per_category)
 
 
 def lowered_flops(lowered) -> float | None:

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
-import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -33,38 +29,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _common import fill_random_params, format_table, run_metadata, write_json  # noqa: E402
+from _common import (fill_random_params, format_table, gpu_kernel_events, kernel_category,  # noqa: E402
+                     run_metadata, write_json)
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
 from wm_jax.streaming.kv_cache import CacheLayout  # noqa: E402
-
-CATEGORIES = (  # first match wins
-    ("attention", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
-    ("matmul", re.compile(r"gemm|cutlass|xmma|sm90_|cublas|nvjet|triton_gemm|dot", re.I)),
-    ("copy", re.compile(r"memcpy|memset|copy|concatenate|dynamic[-_]slice|dynamic[-_]update", re.I)),
-    ("fusion", re.compile(r"fusion|reduce|loop_|input_|elementwise|transpose|convert", re.I)),
-)
-
-
-def category(name: str) -> str:
-    return next((label for label, pattern in CATEGORIES if pattern.search(name)), "other")
-
-
-def gpu_kernel_events(trace_dir: str) -> list[dict]:
-    """X events on the GPU's stream lines of the Perfetto trace written by jax.profiler."""
-    path = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
-    data = json.load(gzip.open(path))
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    kernels = [e for e in events if e.get("ph") == "X" and "GPU" in processes.get(e["pid"], "")
-               and "stream" in threads.get((e["pid"], e["tid"]), "").lower()]
-    if not kernels:
-        lines = sorted({(processes.get(pid, "?"), name) for (pid, _), name in threads.items()})
-        raise SystemExit(f"no GPU kernel events in the trace; its lines: {lines}")
-    return kernels
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,19 +79,19 @@ def main(argv=None):
     for e in events:
         per_name[e["name"]] += e["dur"] / 1e3 / args.passes
         calls[e["name"]] += 1
-        per_category[category(e["name"])] += e["dur"] / 1e3 / args.passes
+        per_category[kernel_category(e["name"])] += e["dur"] / 1e3 / args.passes
     total = sum(per_category.values())
     print(format_table(["category", "ms per pass", "share %"],
                        [[c, f"{ms:.2f}", f"{100 * ms / total:.1f}"] for c, ms in per_category.most_common()]
                        + [["total (kernels)", f"{total:.2f}", "100.0"]]))
     print()
     print(format_table(["kernel", "category", "calls/pass", "ms per pass"],
-                       [[n[:90], category(n), f"{calls[n] / args.passes:.0f}", f"{ms:.3f}"]
+                       [[n[:90], kernel_category(n), f"{calls[n] / args.passes:.0f}", f"{ms:.3f}"]
                         for n, ms in per_name.most_common(args.top)]))
     if args.json:
         write_json(args.json, {**run_metadata(), "benchmark": "profile_pass", "context_frames": args.context_frames,
                                "buffer_frames": args.buffer_frames, "ms_per_pass_by_category": dict(per_category),
-                               "kernels": [{"name": n, "category": category(n), "calls_per_pass": calls[n] / args.passes,
+                               "kernels": [{"name": n, "category": kernel_category(n), "calls_per_pass": calls[n] / args.passes,
                                             "ms_per_pass": ms} for n, ms in per_name.most_common()]})
 
 

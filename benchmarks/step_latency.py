@@ -58,11 +58,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _common import (block, device_memory, fill_random_params, format_table, run_metadata, tree_bytes,  # noqa: E402
-                     write_json)
+from _common import (block, device_memory, fill_random_params, format_table, gpu_kernel_events,  # noqa: E402
+                     kernel_time_by_category, run_metadata, tree_bytes, write_json)
 from wm_jax.io.video import frames_to_uint8  # noqa: E402
 from wm_jax.models.config import WanConfig, preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
+from wm_jax.parallel.mesh import local_replica, make_mesh, put_replicated  # noqa: E402
+from wm_jax.parallel.sharding import flat_param_shardings  # noqa: E402
+from wm_jax.streaming.decoders import on_mesh  # noqa: E402
+from wm_jax.streaming.plan import RolloutPlan  # noqa: E402
 from wm_jax.streaming.recipes import load_recipe  # noqa: E402
 from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise  # noqa: E402
 
@@ -101,7 +105,7 @@ class TimedDecoder:
         self.name, self.init_state, self.step = name, init_state, step
 
 
-def make_taehv(small: bool, dtype, seed: int) -> TimedDecoder:
+def make_taehv(small: bool, dtype, seed: int, mesh) -> TimedDecoder:
     """wm_jax TAEHV, `decode_chunk` under one jax.jit with the parameters as arguments and the state donated.
 
     (Not `wm_jax.streaming.engine.taehv_decoder`: that wrapper closes over the module and raises
@@ -111,23 +115,24 @@ def make_taehv(small: bool, dtype, seed: int) -> TimedDecoder:
     cfg = T.TAEHVConfig(param_dtype=jnp.dtype(dtype).name, decoder_n_f=(32, 16, 8, 8) if small else (256, 128, 64, 64))
     module = nnx.eval_shape(lambda: T.TAEHVDecoder(cfg, compute_dtype=dtype))
     fill_random_params(module, seed=seed, stacked_prefixes=())
-    graphdef, params = nnx.split(module)
+    graphdef, params = nnx.split(on_mesh(module, mesh))
     step = jax.jit(lambda p, z, s: T.decode_chunk(nnx.merge(graphdef, p), z, s), donate_argnums=(2,))
-    return TimedDecoder("taehv", lambda b, h, w: T.init_decoder_state(module, b, h, w),
+    return TimedDecoder("taehv", lambda b, h, w: put_replicated(T.init_decoder_state(module, b, h, w), mesh),
                         lambda z, s: step(params, z, s))
 
 
-def make_wan_vae(vae_dim: int, dtype, seed: int):
+def make_wan_vae(vae_dim: int, dtype, seed: int, mesh):
     from wm_jax.models import wan_vae as W
-    from wm_jax.streaming.engine import wan_vae_decoder
+    from wm_jax.streaming.decoders import wan_vae_decoder
 
     name = jnp.dtype(dtype).name
     vae = nnx.eval_shape(lambda: W.WanVAE(W.WanVAEConfig(dim=vae_dim, param_dtype=name, compute_dtype=name),
                                           rngs=nnx.Rngs(0)))
     fill_random_params(vae, seed=seed, stacked_prefixes=())
+    vae = on_mesh(vae, mesh)
     vae.compute_dtype = dtype
     dec = wan_vae_decoder(vae)  # engine's: jit_decode_chunk(vae, donate_cache=True)
-    return TimedDecoder("wan_vae", dec.init_state, dec.step), vae
+    return TimedDecoder("wan_vae", lambda b, h, w: put_replicated(dec.init_state(b, h, w), mesh), dec.step), vae
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,6 +155,11 @@ def parse_args(argv=None):
     p.add_argument("--text_tokens", type=int, default=32, help="real prompt tokens (padded to text_len)")
     p.add_argument("--vae_dim", type=int, default=None, help="Wan VAE width (default 96; --small 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_devices", type=int, default=1,
+                   help="devices of the Ulysses mesh (tokens and heads split over them); weights replicated")
+    p.add_argument("--profile_chunk", type=int, default=None,
+                   help="trace this chunk's denoise (all passes) with jax.profiler: GPU kernel ms per category on "
+                        "device 0, incl. the all_to_all collectives (default: the 6th chunk on GPUs, none on CPU)")
     p.add_argument("--small", action="store_true",
                    help="tiny model (dim 256, 2 heads, 2 layers), 64x96, fp32 (CPU smoke test)")
     p.add_argument("--json", default=None)
@@ -186,24 +196,29 @@ def main(argv=None):
     meta = run_metadata()
     dtype = jnp.dtype(args.dtype)
     cfg = model_config(recipe, args)
-    lat_h, lat_w = args.height // 8, args.width // 8
-    chunk = recipe.chunk_frames
-    tpf = (lat_h // 2) * (lat_w // 2)
-    chunk_tokens = chunk * tpf
-    layout = recipe.cache_layout(tpf, args.total_blocks * chunk)
+    mesh = make_mesh(args.num_devices)
+    plan = RolloutPlan.for_recipe(recipe.replace(pixel_height=args.height, pixel_width=args.width,
+                                                 total_blocks=args.total_blocks), cfg, mesh)
+    lat_h, lat_w, chunk, tpf, chunk_tokens = (plan.latent_height, plan.latent_width, plan.chunk_frames,
+                                              plan.tokens_per_frame, plan.chunk_tokens)
+    layout = plan.cache
     schedule = recipe.step_schedule()
     k = schedule.num_steps
-    i2v = cfg.in_dim > 16
+    i2v = plan.condition_channels > 0
+    if args.profile_chunk is None and jax.default_backend() == "gpu":
+        args.profile_chunk = min(5, args.total_blocks - 1)
     print(f"{args.slug}: {cfg.num_layers} layers, dim {cfg.dim}, {args.height}x{args.width} "
-          f"({chunk_tokens} tokens/chunk), cache sink {layout.sink_frames} + ring {layout.ring_frames} frames, "
-          f"{k} passes, {args.dtype}, {meta['device_kind']}", flush=True)
+          f"({chunk_tokens} tokens/chunk, {plan.chunk_tokens_per_device} per device), cache sink "
+          f"{layout.sink_frames} + ring {layout.ring_frames} frames, {k} passes, {args.dtype}, "
+          f"{plan.num_devices} x {meta['device_kind']}", flush=True)
 
-    # ---- build: weights on the device, one parameter at a time ------------------------------------
+    # ---- build: weights on the devices in their sharding, one parameter at a time -----------------
     start = time.perf_counter()
     model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype,
                                             attention_impl=args.attention))
-    n_params = fill_random_params(model, seed=args.seed)
-    step = StreamingStep(model, schedule, layout)
+    n_params = fill_random_params(model, seed=args.seed,
+                                  shardings=flat_param_shardings(nnx.state(model), plan.rules, mesh))
+    step = StreamingStep(model, schedule, plan)
     weight_bytes = tree_bytes(step.params)
     build_s = time.perf_counter() - start
     mem_after_weights = device_memory()
@@ -213,29 +228,29 @@ def main(argv=None):
     start = time.perf_counter()
     cross = block(step.cross_kv(text))
     cross_kv_s = time.perf_counter() - start
-    cache = step.init_cache(1)
+    cache = step.init_cache()
     cache_bytes = tree_bytes(cache)
 
-    chunk_shape = (1, chunk, lat_h, lat_w, cfg.out_dim)
-    noise_fn = jax.jit(lambda key, i: chunk_noise(key, i, k, chunk_shape, jnp.float32))
+    noise_fn = jax.jit(lambda key, i: chunk_noise(key, i, k, plan.chunk_shape, jnp.float32),
+                       out_shardings=step.replicated)
     cond_sets = []
     for s in range(2):  # random conditioning, rotated between chunks
         ks = jax.random.split(jax.random.fold_in(key, 100 + s), 2)
-        y = jax.random.normal(ks[0], (1, chunk, lat_h, lat_w, cfg.in_dim - cfg.out_dim), jnp.float32) if i2v else None
-        cam = (jax.random.normal(ks[1], (1, chunk, lat_h, lat_w, cfg.camera_channels), jnp.float32)
+        y = jax.random.normal(ks[0], plan.condition_shape, jnp.float32) if i2v else None
+        cam = (jax.random.normal(ks[1], (*plan.chunk_shape[:4], cfg.camera_channels), jnp.float32)
                if cfg.camera_channels else None)
-        cond_sets.append(ChunkInputs(y=y, camera=cam))
+        cond_sets.append(step.whole(ChunkInputs(y=y, camera=cam)))
 
     decoders = []
     encoder_vae = None
     for i, name in enumerate(args.decoders):
         if name == "taehv":
-            decoders.append(make_taehv(args.small, dtype, seed=args.seed + 10 + i))
+            decoders.append(make_taehv(args.small, dtype, seed=args.seed + 10 + i, mesh=mesh))
         else:
-            dec, encoder_vae = make_wan_vae(args.vae_dim, dtype, seed=args.seed + 10 + i)
+            dec, encoder_vae = make_wan_vae(args.vae_dim, dtype, seed=args.seed + 10 + i, mesh=mesh)
             decoders.append(dec)
     if args.encode and i2v and encoder_vae is None:
-        _, encoder_vae = make_wan_vae(args.vae_dim, dtype, seed=args.seed + 20)
+        _, encoder_vae = make_wan_vae(args.vae_dim, dtype, seed=args.seed + 20, mesh=mesh)
 
     # ---- compile ahead of time, like the engine -------------------------------------------------
     noise0 = block(noise_fn(key, 0))
@@ -243,21 +258,23 @@ def main(argv=None):
     denoise = step.denoise.lower(step.params, cache, cross, noise0, cond_sets[0]).compile()
     denoise_compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    x0_spec = jax.ShapeDtypeStruct(noise0.shape[1:], jnp.float32)
+    x0_spec = jax.ShapeDtypeStruct(noise0.shape[1:], jnp.float32, sharding=step.replicated)
     commit = step.commit.lower(step.params, cache, cross, x0_spec, cond_sets[0]).compile()
     commit_compile_s = time.perf_counter() - start
     print(f"built {n_params / 1e9:.3f} B params in {build_s:.1f} s; compile denoise {denoise_compile_s:.1f} s, "
           f"commit {commit_compile_s:.1f} s", flush=True)
 
     # ---- rollouts --------------------------------------------------------------------------------
-    image = jax.random.uniform(jax.random.fold_in(key, 7), (1, args.height, args.width, 3), jnp.float32, -1.0, 1.0)
+    image = step.whole(jax.random.uniform(jax.random.fold_in(key, 7), (1, args.height, args.width, 3), jnp.float32,
+                                          -1.0, 1.0))
     chunks = []
+    profile = None
     decoder_first_call_s = {d.name: [] for d in decoders}
     finite = True
     for r in range(args.rollouts):
-        cache = step.init_cache(1)
+        cache = step.init_cache()
         states = {d.name: d.init_state(1, lat_h, lat_w) for d in decoders}
-        enc_cache = (encoder_vae.init_encoder_cache(1, args.height, args.width)
+        enc_cache = (put_replicated(encoder_vae.init_encoder_cache(1, args.height, args.width), mesh)
                      if (args.encode and i2v) else None)
         for i in range(args.total_blocks):
             committed = i * chunk
@@ -273,6 +290,8 @@ def main(argv=None):
                                                          image=image if i == 0 else None))
                 encode_ms = (time.perf_counter() - t) * 1e3
                 inputs = ChunkInputs(y=y, camera=inputs.camera)
+            if r == 0 and i == args.profile_chunk:  # an extra, untimed denoise of this chunk under the profiler
+                profile = profile_denoise(lambda: denoise(step.params, cache, cross, noise, inputs), k)
             t0 = time.perf_counter()
             x0 = block(denoise(step.params, cache, cross, noise, inputs))
             t1 = time.perf_counter()
@@ -289,7 +308,7 @@ def main(argv=None):
                     decoder_first_call_s[d.name].append(decode_ms[d.name] / 1e3)
                 if d2h_ms is None:  # the engine's uint8 conversion on the device + host copy, outside decode here
                     t = time.perf_counter()
-                    frames_to_uint8(frames, VALUE_RANGES[d.name])  # raises on NaN/inf
+                    frames_to_uint8(local_replica(frames), VALUE_RANGES[d.name])  # raises on NaN/inf
                     d2h_ms = (time.perf_counter() - t) * 1e3
             finite &= bool(jnp.isfinite(x0).all())
             den_flops = k * forward_flops(cfg, chunk_tokens, valid * tpf)
@@ -334,9 +353,12 @@ def main(argv=None):
         summary["floor_commit_ms_at_peak"] = ref_chunk["commit_flops"] / (args.peak_tflops * 1e12) * 1e3
         summary["floor_chunk_index"] = ref_chunk["autoregressive_index"]
     memory = device_memory()
+    memory_per_device = [device_memory(d) for d in mesh.devices.flat]
     report = {**meta, "benchmark": "step_latency", "slug": args.slug, "height": args.height, "width": args.width,
               "total_blocks": args.total_blocks, "rollouts": args.rollouts, "warmup_chunks": args.warmup_chunks,
               "dtype": args.dtype, "attention": args.attention, "decoders": args.decoders, "small": args.small,
+              "num_devices": plan.num_devices, "plan": plan.describe(), "profile": profile,
+              "memory_per_device": memory_per_device,
               "model_config": cfg.to_dict(), "num_params": n_params, "weight_bytes": weight_bytes,
               "kv_cache_bytes": cache_bytes,
               "cache_layout": {"tokens_per_frame": tpf, "sink_frames": layout.sink_frames,
@@ -377,8 +399,28 @@ def main(argv=None):
           f"commit {commit_compile_s:.1f} s; peak device memory "
           + (f"{pk:.2f} GiB" if pk is not None else "n/a") + ("" if finite else "; NON-FINITE OUTPUT"))
     print(format_table(["phase", "median", "6th chunk"], lines))
+    if profile:
+        print(f"profile of chunk {args.profile_chunk}'s denoise on GPU 0 ({k} passes; kernel ms per pass): "
+              + ", ".join(f"{c} {ms:.1f}" for c, ms in sorted(profile["ms_per_pass"].items(), key=lambda kv: -kv[1]))
+              + f"; all_to_all share {100 * profile['collective_share']:.1f} %")
+    if memory_per_device and all(memory_per_device):
+        print("peak memory per device GiB: " + ", ".join(f"{m['peak_bytes_in_use_gib']:.2f}" for m in memory_per_device))
     if REFERENCE.get(args.slug):
         print(f"reference: {REFERENCE[args.slug]}")
+
+
+def profile_denoise(call, passes: int) -> dict:
+    """GPU kernel time of one `call()` (a whole denoise) on device 0 under jax.profiler, per category and pass;
+    `collective_share`: the collectives' (Ulysses all_to_alls, output all_gather) share of the kernel time."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            block(call())
+        per_pass = kernel_time_by_category(gpu_kernel_events(trace_dir, device=0), repeats=passes)
+    total = sum(per_pass.values())
+    return {"ms_per_pass": per_pass, "kernel_ms_per_pass": total,
+            "collective_share": per_pass.get("collective", 0.0) / total if total else 0.0}
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def detect_kind(keys: set[str]) -> str:
             return kind
     sample = sorted(keys)[:8]
     raise CheckpointError(f"cannot tell what kind of checkpoint this is (first keys: {sample}); "
-                          f"pass --kind, one of {', '.join(KINDS)}")
+                          f"pass {{kind}}, one of {', '.join(KINDS)}")
 
 
 def convert_path(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str = "auto", allow_pickle: bool = False,

@@ -9,12 +9,11 @@ Accepted layouts, both normalised to Wan's ORIGINAL names first:
     decoder / lm_head keys of a full model are dropped.
 The config is inferred from shapes (max distance and eps from an HF `config.json` beside the weights when
 there is one). The manifest records `params_sha256`, a digest of the converted parameters, which the prompt
-cache uses as the encoder's identity.
+cache uses as the encoder's identity; `load_text_encoder` builds that prompt encoder from a converted folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from converters.core import LINEAR, Rule, as_source, convert_tensors, load_conve
 from wm_jax.io import checkpoint as ckpt
 from wm_jax.io.safetensors_io import CheckpointError
 from wm_jax.io.tensor_sources import RenamedSource, Source
+from wm_jax.models.text_encoding import TEXT_LEN, TOKENIZER_FILES, TextEncoder, UMT5Tokenizer, find_tokenizer_folder
 from wm_jax.models.umt5 import UMT5Config, UMT5Encoder
 
 KIND = "umt5"
@@ -158,16 +158,6 @@ def convert_arrays(source: Source, cfg: UMT5Config, on_tensor=None):
     return convert_tensors(source, RULES, expected_params(cfg), on_tensor=on_tensor)
 
 
-def params_digest(flat: Mapping[str, Any]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every parameter, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(flat):
-        value = np.asarray(flat[name])
-        h.update(f"{name}|{value.dtype.name}|{list(value.shape)}\n".encode())
-        h.update(np.ascontiguousarray(value).view(np.uint8).reshape(-1).data)
-    return h.hexdigest()
-
-
 def _as_source(source, allow_pickle: bool) -> tuple[Source, Path | None]:
     """(`as_source(source)`, the path it was opened from or None)."""
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
@@ -187,8 +177,6 @@ def convert(source: Source | str | Path, dst: str | Path, *, overwrite: bool = F
     If a umT5 tokenizer folder is found (`tokenizer_path`, or beside `source_path`: the folder itself or
     its `google/umt5-xxl/`), its files are copied to `dst/tokenizer/` so the folder is self-contained.
     """
-    from wm_jax.models.text_encoding import TOKENIZER_FILES, find_tokenizer_folder
-
     ckpt.check_destination(dst, overwrite)
     source, opened_path = _as_source(source, allow_pickle)
     source_path = Path(source_path) if source_path is not None else opened_path
@@ -205,7 +193,7 @@ def convert(source: Source | str | Path, dst: str | Path, *, overwrite: bool = F
         tok_folder = find_tokenizer_folder(folder)
     with ckpt.atomic_folder(dst, overwrite) as tmp:
         flat, report = convert_arrays(source, cfg, on_tensor)
-        digest = params_digest(flat)
+        digest = ckpt.params_digest(flat)
         ckpt.write_params(tmp, flat)
         del flat
         copied = []
@@ -227,6 +215,19 @@ def load(folder: str | Path, *, compute_dtype=jnp.bfloat16, precision=None) -> U
     return load_converted(folder, KIND, UMT5Config,
                           lambda cfg: UMT5Encoder(cfg, compute_dtype=compute_dtype, precision=precision),
                           expected_params)
+
+
+def load_text_encoder(folder: str | Path, *, tokenizer: str | os.PathLike | None = None,
+                      cache_dir: str | os.PathLike | None = None, compute_dtype=jnp.bfloat16, precision=None,
+                      text_len: int = TEXT_LEN) -> TextEncoder:
+    """The prompt encoder of a converted folder; the tokenizer comes from `tokenizer`, else the folder's
+    `tokenizer/` copy, else the hub. The manifest's `params_sha256` is the encoder's cache identity."""
+    manifest = ckpt.read_manifest(folder, KIND)
+    if tokenizer is None and find_tokenizer_folder(Path(folder)) is not None:
+        tokenizer = folder
+    model = load(folder, compute_dtype=compute_dtype, precision=precision)
+    return TextEncoder(model, UMT5Tokenizer(tokenizer, text_len=text_len), cache_dir=cache_dir,
+                       params_sha256=manifest.get("params_sha256"))
 
 
 def load_source(source: Source | str | Path, *, compute_dtype=jnp.float32, precision=None,

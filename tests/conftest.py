@@ -21,11 +21,20 @@ def golden_dir() -> Path:
     return GOLDEN_DIR
 
 
+def plan_of(recipe, num_devices: int = 1):
+    """The rollout plan of a recipe on the first `num_devices` devices."""
+    from wm_jax.parallel.mesh import make_mesh
+    from wm_jax.streaming.components import model_config
+    from wm_jax.streaming.plan import RolloutPlan
+
+    return RolloutPlan.for_recipe(recipe, model_config(recipe), make_mesh(num_devices))
+
+
 @pytest.fixture(scope="session")
 def tiny_parts():
-    """The `tiny` recipe and its random-weight components (seed 0), built once: building takes ~20 s on CPU."""
+    """The `tiny` recipe and its random-weight components (seed 0), built once on one device."""
     from wm_jax.streaming.components import build_random
     from wm_jax.streaming.recipes import load_recipe
 
     recipe = load_recipe("tiny")
-    return recipe, build_random(recipe, seed=0)
+    return recipe, build_random(recipe, plan_of(recipe), seed=0)

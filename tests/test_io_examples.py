@@ -8,7 +8,7 @@ import pytest
 
 from wm_jax.io import examples, hub
 from wm_jax.io.examples import EXAMPLE_REPO, SHIPPED_EXAMPLE, example_dir, load_example
-from wm_jax.models.camera import validate_trajectory
+from wm_jax.io.trajectory import validate_trajectory
 
 
 def fail_download(*args, **kwargs):

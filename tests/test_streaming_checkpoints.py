@@ -42,6 +42,7 @@ from wm_jax.models.wan_vae import WanVAEConfig  # noqa: E402
 from wm_jax.streaming import run as run_module  # noqa: E402
 from wm_jax.streaming.components import load_components, model_config  # noqa: E402
 from wm_jax.streaming.engine import WorldRollout  # noqa: E402
+from tests.conftest import plan_of  # noqa: E402
 from wm_jax.streaming.recipes import load_recipe  # noqa: E402
 from wm_jax.streaming.run import SHIPPED_EXAMPLE, RunOptions, run  # noqa: E402
 from tests.wan_testlib import (TINY, make_tokenizer_folder, random_original_state, random_rule_state,  # noqa: E402
@@ -345,7 +346,8 @@ def test_failed_conversion_leaves_no_partial_folder_and_resumes(hub, tmp_path, m
         run(lingbot_options(tmp_path, allow_pickle=False))
     assert len(hub.calls) == 2  # the DiT once, the VAE once (the failed conversion)
 
-    parts = load_components(RECIPES[LINGBOT], tmp_path / "ckpt", compute_dtype=jnp.float32, allow_pickle=True)
+    parts = load_components(RECIPES[LINGBOT], plan_of(RECIPES[LINGBOT]), tmp_path / "ckpt", compute_dtype=jnp.float32,
+                            allow_pickle=True)
     assert parts.vae_encoder is not None and parts.description["text"] == "umT5"
     assert [repo for repo, _ in hub.calls[2:]] == ["robbyant/lingbot-world-base-cam"] * 2  # VAE again, then umT5
     check_checkpoint(tmp_path / "ckpt", {"dit": "wan_dit", "vae": "wan_vae", "text_encoder": "umt5"})

@@ -16,7 +16,9 @@ from flax import nnx
 
 from wm_jax.models.config import WanConfig
 from wm_jax.models.wan import WanModel
-from wm_jax.streaming.kv_cache import CacheLayout
+from wm_jax.parallel.mesh import make_mesh, to_host
+from wm_jax.streaming.kv_cache import CacheLayout, upstream_cache_frames
+from wm_jax.streaming.plan import RolloutPlan
 from wm_jax.streaming.schedules import lingbot_fast_schedule, self_forcing_schedule
 from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise
 
@@ -60,9 +62,18 @@ LAYOUTS = {
     "sink1_ring4": (CacheLayout(TOKENS_PER_FRAME, sink_frames=1, ring_frames=4), (1, 8),
                     lingbot_fast_schedule()),
     # FlashDreams' window15-sink3 shape, scaled down: sink 3 + window 9 (2 previous chunks + current)
-    "sink3_window9": (CacheLayout.from_upstream(12, 3, CHUNK, TOKENS_PER_FRAME, NUM_CHUNKS * CHUNK), (3, 12),
+    "sink3_window9": (CacheLayout(TOKENS_PER_FRAME, *upstream_cache_frames(12, 3, CHUNK)), (3, 12),
                       lingbot_fast_schedule()),
 }
+
+
+def plan_for(layout: CacheLayout, num_chunks: int = NUM_CHUNKS) -> RolloutPlan:
+    """The plan of these tests' latent grid (LATENT_H x LATENT_W) with `layout`'s sink and ring, one device."""
+    plan = RolloutPlan.create(CONFIG, make_mesh(1), pixel_height=8 * LATENT_H, pixel_width=8 * LATENT_W,
+                              chunk_frames=CHUNK, total_blocks=num_chunks, sink_frames=layout.sink_frames,
+                              ring_frames=layout.ring_frames)
+    assert plan.cache == layout
+    return plan
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -107,7 +118,7 @@ def full_forward(model):
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_streamed_rollout_equals_full_sequence_forwards(name, model, full_forward):
     layout, _, schedule = LAYOUTS[name]
-    step = StreamingStep(model, schedule, layout)
+    step = StreamingStep(model, schedule, plan_for(layout))
     key = jax.random.key(5)
     text = jax.random.normal(jax.random.key(6), (1, 7, CONFIG.text_dim))
     cross_kv = step.cross_kv(text)
@@ -117,13 +128,13 @@ def test_streamed_rollout_equals_full_sequence_forwards(name, model, full_forwar
     noises = [chunk_noise(key, c, schedule.num_steps, shape) for c in range(NUM_CHUNKS)]
 
     # streamed: one denoise program and one commit program, the cache carried between chunks
-    cache = step.init_cache(1, jnp.float32)
+    cache = step.init_cache(jnp.float32)
     streamed = []
     for c in range(NUM_CHUNKS):
         inputs = ChunkInputs(camera=cameras[:, c * CHUNK:(c + 1) * CHUNK])
         x0 = step.denoise(step.params, cache, cross_kv, noises[c], inputs)
         cache = step.commit(step.params, cache, cross_kv, x0, inputs)
-        streamed.append(np.asarray(x0))
+        streamed.append(to_host(x0))
 
     # reference: no cache; each pass runs the model over [clean history ; noisy chunk] with the mask
     params = nnx.state(model)
@@ -167,7 +178,7 @@ def test_attention_mask_of_the_wrong_shape_or_with_a_cache_is_refused():
         model.forward_with_cross_kv(x, jnp.zeros((1,)), kv, attention_mask=jnp.ones((5, 5), bool))
     tokens = CHUNK * TOKENS_PER_FRAME
     layout = CacheLayout(TOKENS_PER_FRAME, sink_frames=CHUNK, ring_frames=0)
-    cache = StreamingStep(model, self_forcing_schedule(), layout).init_cache(1, jnp.float32)
+    cache = StreamingStep(model, self_forcing_schedule(), plan_for(layout, 1)).init_cache(jnp.float32)
     with pytest.raises(ValueError, match="cannot be combined with a cache"):
         model.forward_with_cross_kv(x, jnp.zeros((1,)), kv, attention_mask=jnp.ones((tokens, tokens), bool),
                                     cache=cache.attention_view(layout))

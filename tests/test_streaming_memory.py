@@ -7,7 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from wm_jax.cli import flag_style
 from wm_jax.streaming import memory
+from tests.conftest import plan_of
 from wm_jax.streaming.engine import WorldRollout
 from wm_jax.streaming.kv_cache import CacheLayout
 from wm_jax.streaming.memory import GIB, DeviceMemoryError, MemoryEstimate, RolloutSize
@@ -17,8 +19,7 @@ OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123456789 byte
 
 def tiny_rollout(recipe, parts, **changes) -> WorldRollout:
     recipe = recipe.replace(**changes)
-    return WorldRollout(recipe, parts.dit, parts.decoder, pixel_height=recipe.pixel_height,
-                        pixel_width=recipe.pixel_width, total_blocks=recipe.total_blocks, seed=0,
+    return WorldRollout(recipe, plan_of(recipe), parts.dit, parts.decoder, seed=0,
                         vae_encoder=parts.vae_encoder if recipe.task == "i2v_camera" else None)
 
 
@@ -44,7 +45,7 @@ def test_too_small_device_fails_before_compiling(tiny_parts, monkeypatch, window
     monkeypatch.setattr(memory, "device_capacity", lambda device=None: capacity)
     with pytest.raises(DeviceMemoryError) as info:
         tiny_rollout(*tiny_parts, window_frames=window_frames)
-    message = str(info.value)
+    message = info.value.render(flag_style)  # as the CLI prints it
     assert compiles == []
     assert message.startswith("not enough device memory (checked before compiling): this rollout needs about "
                               f"{estimate.total / GIB:.2f} GiB, the device (cpu) has {capacity / GIB:.2f} GiB.")
@@ -62,7 +63,7 @@ def test_xla_out_of_memory_becomes_device_memory_error(tiny_parts, monkeypatch, 
     _patch_programs(rollout, monkeypatch, phase, fail)
     with pytest.raises(DeviceMemoryError) as info:
         rollout.next_chunk()
-    message = str(info.value)
+    message = info.value.render(flag_style)
     assert message.startswith(f"out of device memory while {phase}") and "this rollout needs about" in message
     assert "KV cache" in message and "--pixel_height" in message and f"XLA: {OOM}" in message
     assert isinstance(info.value.__cause__, jax.errors.JaxRuntimeError)
@@ -103,10 +104,10 @@ def test_reduction_flags_for_lingbot_global_cache(monkeypatch):
     share, pixels, blocks, window, dtype = memory.reduction_flags(size, estimate, capacity=80 * GIB)
     assert share.startswith("XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 in the environment")
     # 80 - (95.6 - 61) - 1 GiB per frame leaves 44.4 GiB: 14 blocks of 3 GiB
-    assert blocks.startswith("--total_blocks 14 or fewer (now 20;") and "3.00 GiB per block" in blocks
-    assert pixels.startswith("--pixel_height ") and "(now 464x832;" in pixels
+    assert blocks.startswith("{total_blocks} 14 or fewer (now 20;") and "3.00 GiB per block" in blocks
+    assert pixels.startswith("{pixel_height} ") and "(now 464x832;" in pixels
     assert window.startswith("wm-jax run lingbot-world-fast-taehv-window15-sink3")
-    assert dtype.startswith("--compute_dtype bfloat16")
+    assert dtype.startswith("{compute_dtype} bfloat16")
     height, width = (int(v) for v in pixels.split()[1:4:2])
     scale = height * width / (464 * 832)
     assert height % 16 == width % 16 == 0 and 30.6 + 65 * scale <= 80  # the suggested size fits

@@ -13,6 +13,7 @@ import pytest
 from wm_jax.io import examples
 from wm_jax.io.video import to_uint8
 from wm_jax.models import camera as cam
+from tests.conftest import plan_of
 from wm_jax.streaming.engine import WorldRollout
 from wm_jax.streaming.run import RunOptions, resolve
 
@@ -20,9 +21,7 @@ from wm_jax.streaming.run import RunOptions, resolve
 def test_rollout_compiles_once_including_ring_wraparound(tiny_parts):
     recipe, parts = tiny_parts
     recipe = recipe.replace(total_blocks=6)  # sink 3 + ring 3: the ring wraps 4 times
-    rollout = WorldRollout(recipe, parts.dit, parts.decoder, pixel_height=recipe.pixel_height,
-                           pixel_width=recipe.pixel_width, total_blocks=recipe.total_blocks, seed=0,
-                           vae_encoder=parts.vae_encoder)
+    rollout = WorldRollout(recipe, plan_of(recipe), parts.dit, parts.decoder, seed=0, vae_encoder=parts.vae_encoder)
     scene = examples.load_example(examples.SHIPPED_EXAMPLE)
     camera = cam.StreamingCamera(scene.intrinsics[0], recipe.pixel_height, recipe.pixel_width)
     image = np.asarray(__import__("PIL.Image").Image.fromarray(scene.image).resize((recipe.pixel_width,
@@ -69,8 +68,8 @@ def test_cli_run_tiny_writes_video_and_stats(tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(pixel_height=70), "pixel_height 70: use 64 or 80"),
-    (dict(total_blocks=400), "RoPE position limit.*--total_blocks 341"),
+    (dict(pixel_height=70), "pixel_height 70: .* multiple of 16 .*use 64 or 80"),
+    (dict(total_blocks=400), "RoPE position limit.*total_blocks 341"),
 ])
 def test_bad_run_options(changes, message):
     with pytest.raises(ValueError, match=message):

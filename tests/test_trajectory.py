@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from wm_jax.errors import OptionError
 from wm_jax.io.trajectory import load_trajectory, poses_for_frames
 
 
@@ -104,13 +105,14 @@ def test_poses_for_frames():
     poses = walk(9)
     np.testing.assert_array_equal(poses_for_frames(poses, 5), poses[:5])
     np.testing.assert_array_equal(poses_for_frames(poses, 9, "strict"), poses)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(OptionError) as info:
         poses_for_frames(poses, 21)
-    message = str(info.value)
+    message = info.value.render(lambda name: f"--{name}")
+    assert info.value.option == "pose_mode"
     assert "9 poses" in message and "21" in message and "--pose_mode hold" in message
     held = poses_for_frames(poses, 21, mode="hold")
     assert held.shape == (21, 4, 4)
     np.testing.assert_array_equal(held[:9], poses)
     np.testing.assert_array_equal(held[9:], np.repeat(poses[-1:], 12, axis=0))
-    with pytest.raises(ValueError, match="pose mode"):
+    with pytest.raises(OptionError, match="unknown pose_mode 'loop'"):
         poses_for_frames(poses, 21, mode="loop")

@@ -244,7 +244,7 @@ def test_prompt_cache_and_converted_folder(tmp_path):
                                                    "tokenizer_config.json"]
 
     cache = tmp_path / "cache"
-    te = TextEncoder.from_folder(dst, cache_dir=cache, compute_dtype=jnp.float32, precision="highest")
+    te = umt5_converter.load_text_encoder(dst, cache_dir=cache, compute_dtype=jnp.float32, precision="highest")
     prompts = ["a red fox jumps", "the camera pans left", "a red fox jumps"]
     feats = te.encode(prompts)
     assert te.encoder_calls == 1
@@ -262,7 +262,7 @@ def test_prompt_cache_and_converted_folder(tmp_path):
     np.testing.assert_array_equal(again[0], feats[1])
 
     # A fresh encoder on the same cache and weights does not run the model; after free() it still serves.
-    te2 = TextEncoder.from_folder(dst, cache_dir=cache, compute_dtype=jnp.float32, precision="highest")
+    te2 = umt5_converter.load_text_encoder(dst, cache_dir=cache, compute_dtype=jnp.float32, precision="highest")
     assert te2.identity == te.identity
     te2.free()
     np.testing.assert_array_equal(te2.encode("a red fox jumps")[0], feats[0])

@@ -100,7 +100,7 @@ def test_self_forcing_pt_prefers_generator_ema(tmp_path):
     as_torch = lambda s: {f"model.{k}": torch.from_numpy(v) for k, v in s.items()}
     torch.save({"generator": as_torch(other), "generator_ema": as_torch(ema),
                 "critic": {"model.x": torch.zeros(1)}}, tmp_path / "self_forcing_dmd.pt")
-    with pytest.raises(CheckpointError, match="--allow_pickle"):
+    with pytest.raises(CheckpointError, match="Pass allow_pickle if you trust"):
         open_source(tmp_path / "self_forcing_dmd.pt")
     source = open_source(tmp_path / "self_forcing_dmd.pt", allow_pickle=True,
                          prefer_entries=("generator_ema", "generator"))
@@ -178,7 +178,7 @@ def test_index_pointing_at_missing_shard(state, tmp_path):
 def test_existing_destination_refused_unless_overwrite(state, tmp_path):
     save_file(state, str(tmp_path / "m.safetensors"))
     (tmp_path / "out").mkdir()
-    with pytest.raises(CheckpointError, match="--overwrite"):
+    with pytest.raises(CheckpointError, match="pass overwrite to replace it"):
         wan_dit.convert(open_source(tmp_path / "m.safetensors"), tmp_path / "out")
     wan_dit.convert(open_source(tmp_path / "m.safetensors"), tmp_path / "out", overwrite=True)
     assert ckpt.read_manifest(tmp_path / "out")["kind"] == "wan_dit"

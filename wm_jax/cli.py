@@ -162,7 +162,34 @@ def _parity_main(argv):
     return 0 if worst <= tolerance else 1
 
 
+def _define_device_flags():
+    """Devices of the run: a mesh over --num_devices devices; several hosts join through jax.distributed."""
+    flags.DEFINE_integer("num_devices", None, "Devices to run on (default: every device present; with several "
+                         "processes: every device of every process). Tokens and attention heads are split over "
+                         "them (Ulysses sequence parallelism); the result is the same on any count.")
+    flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator "
+                        "(jax.distributed); with --num_processes and --process_id. Only process 0 writes outputs.")
+    flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes (one per host) join the run.")
+    flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes-1.")
+    flags.DEFINE_integer("coordinator_timeout", 120, "Multi-host: seconds to wait for every process to join "
+                         "before giving up with an error.")
+
+
+def _join_processes():
+    """Initialises jax.distributed when the multi-host flags are given (before any other JAX work)."""
+    given = [FLAGS.coordinator_address is not None, FLAGS.num_processes is not None, FLAGS.process_id is not None]
+    if not any(given):
+        return
+    if not all(given):
+        raise UsageError("--coordinator_address, --num_processes and --process_id go together (multi-host)")
+    from wm_jax.parallel.mesh import initialize_distributed
+
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           timeout_s=FLAGS.coordinator_timeout)
+
+
 def _define_run_flags():
+    _define_device_flags()
     flags.DEFINE_integer("total_blocks", None, "Chunks (AR steps) of 3 latent frames (default: the recipe's).")
     flags.DEFINE_integer("pixel_height", None, "Video height, multiple of 16 (default: the recipe's).")
     flags.DEFINE_integer("pixel_width", None, "Video width, multiple of 16 (default: the recipe's).")
@@ -195,9 +222,14 @@ def _run_main(argv):
 
     if len(argv) != 2:
         raise UsageError(f"usage: wm-jax run <slug> [flags]; slugs: {', '.join(SLUGS)}")
+    _join_processes()
     names = [f.name for f in __import__("dataclasses").fields(RunOptions) if f.name != "slug"]
     report = run(RunOptions(slug=argv[1], **{n: getattr(FLAGS, n) for n in names}))
     steps = report["steps"]
+    import jax
+
+    if jax.process_index() != 0:
+        return
     print(f"wrote {report['video']} ({report['num_frames']} frames) and stats_{report['slug']}.json; "
           f"compile {report['compile_seconds']:.1f} s; last step denoise {steps[-1]['denoise_ms']:.1f} ms, "
           f"commit {steps[-1]['commit_ms']:.1f} ms, decode {steps[-1]['decode_ms']:.1f} ms")
@@ -228,10 +260,17 @@ def run():
     app.run(_friendly_errors(main), argv=[f"wm-jax {command}", *argv[2:]])
 
 
+def flag_style(name: str) -> str:
+    """How the CLI writes an option named in an error message (see wm_jax.errors)."""
+    return f"--{name}"
+
+
 def _friendly_errors(main):
-    """Known error types end the program with their message (no traceback) and exit code 1."""
+    """Known error types end the program with their message (no traceback) and exit code 1; options
+    named in a message are written as flags."""
 
     def wrapped(argv):
+        from wm_jax.errors import TemplatedError
         from wm_jax.io.hub import HubError
         from wm_jax.io.safetensors_io import CheckpointError
         from wm_jax.models.text_encoding import TokenizerNotFoundError
@@ -240,8 +279,10 @@ def _friendly_errors(main):
 
         try:
             return main(argv)
-        except (CheckpointError, DeviceMemoryError, HubError, ParityError, TokenizerNotFoundError, ValueError) as err:
-            sys.stderr.write(f"wm-jax: error: {err}\n")
+        except (CheckpointError, DeviceMemoryError, HubError, ParityError, TemplatedError, TokenizerNotFoundError,
+                ValueError) as err:
+            message = err.render(flag_style) if isinstance(err, TemplatedError) else str(err)
+            sys.stderr.write(f"wm-jax: error: {message}\n")
             sys.exit(1)
 
     return wrapped

@@ -12,6 +12,7 @@ interrupted conversion never leaves a partial DST.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,13 +41,30 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
+def flat_params(module: nnx.Module) -> dict[str, Any]:
+    """Flat path ('blocks/self_attn/q/kernel') -> value of every nnx.Param of `module`."""
+    return {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
 def param_spec(module: nnx.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Flat path ('blocks/self_attn/q/kernel') -> (shape, dtype) of every nnx.Param of `module`.
+    """Flat path -> (shape, dtype) of every nnx.Param of `module`.
 
     Works on abstract modules from `nnx.eval_shape`, so nothing is allocated.
     """
-    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-    return {_path_str(p): (tuple(v.get_value().shape), np.dtype(v.get_value().dtype)) for p, v in flat}
+    return {name: (tuple(v.shape), np.dtype(v.dtype)) for name, v in flat_params(module).items()}
+
+
+def params_digest(flat: Mapping[str, Any]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every parameter, in name order.
+
+    Converters record it in the manifest (`params_sha256`); the prompt cache keys on it.
+    """
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        value = np.asarray(flat[name])
+        h.update(f"{name}|{value.dtype.name}|{list(value.shape)}\n".encode())
+        h.update(np.ascontiguousarray(value).view(np.uint8).reshape(-1).data)
+    return h.hexdigest()
 
 
 def assign_params(module: nnx.Module, arrays: Mapping[str, Any],
@@ -100,7 +118,7 @@ def check_destination(dst: str | os.PathLike, overwrite: bool) -> Path:
     """Refuses an existing destination unless `overwrite`; checks the parent is writable."""
     dst = Path(dst)
     if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: destination exists; pass --overwrite to replace it")
+        raise CheckpointError(f"{dst}: destination exists; pass {{overwrite}} to replace it")
     parent = dst.parent if str(dst.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
     if not os.access(parent, os.W_OK):
@@ -184,7 +202,7 @@ def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict[st
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{folder}: not a converted wm_jax checkpoint (no {MANIFEST}); "
-                              "run `wm-jax convert --src ... --dst ...` first")
+                              "run `wm-jax convert {src} ... {dst} ...` first")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format {manifest.get('format')}, this wm_jax reads {FORMAT_VERSION}")

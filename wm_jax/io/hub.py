@@ -6,9 +6,22 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from wm_jax.errors import TemplatedError
 
-class HubError(RuntimeError):
-    pass
+
+class HubError(TemplatedError, RuntimeError):
+    """The hub cannot be reached or lacks the files (options named as `{name}`)."""
+
+
+def hub_cli_command(repo_id: str, files: Sequence[str] = (), *, include: Sequence[str] = (),
+                    local_dir: str | None = None) -> str:
+    """A `huggingface-cli download` command line to suggest in messages.
+
+    `--include` and `--local-dir` are the hub CLI's own flags, not wm-jax options, so they are written
+    out here rather than as `{name}` placeholders (tests/test_layering.py allows them in this function only).
+    """
+    words = ["huggingface-cli download", repo_id, *files, *(f"--include '{p}'" for p in include)]
+    return " ".join(words + ([f"--local-dir {local_dir}"] if local_dir else []))
 
 
 def download(repo_id: str, allow_patterns: Sequence[str] | None = None, *, cache_dir: str | None = None,
@@ -30,10 +43,9 @@ def download(repo_id: str, allow_patterns: Sequence[str] | None = None, *, cache
         raise HubError(
             f"cannot download {repo_id} (files {patterns or 'all'}): {why}.\n"
             f"If this machine is offline, download on a connected machine with\n"
-            f"  huggingface-cli download {repo_id}"
-            + "".join(f" --include '{p}'" for p in patterns or ())
-            + "\nand pass the local folder instead (e.g. --src PATH), or copy it into the hub cache "
-              f"({cache_dir or 'HF_HOME'}).") from None
+            f"  {hub_cli_command(repo_id, include=patterns or ())}\n"
+            f"and pass the local folder instead (e.g. {{src}} PATH), or copy it into the hub cache "
+            f"({cache_dir or 'HF_HOME'}).") from None
     # The snapshot folder is shared by every download of this repo revision: count only the files asked for.
     root = Path(path)
     files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]

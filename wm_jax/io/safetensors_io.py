@@ -20,6 +20,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from wm_jax.errors import TemplatedError
+
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -38,8 +40,8 @@ SAFETENSORS_DTYPES: dict[str, np.dtype] = {
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file or its contents are not what the converter expects."""
+class CheckpointError(TemplatedError, ValueError):
+    """A checkpoint file or its contents are not what the converter expects (options named as `{name}`)."""
 
 
 @dataclass(frozen=True)
@@ -197,5 +199,6 @@ def open_safetensors(path: str | os.PathLike) -> TensorSource:
                 raise CheckpointError(f"{path}: index maps {key!r} to {shard}, but that shard does not hold it")
         return source
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        raise CheckpointError(f"{path}: a pickle checkpoint; read it with wm_jax.io.pickle_io (needs --allow_pickle)")
+        raise CheckpointError(f"{path}: a pickle checkpoint; open it with wm_jax.io.tensor_sources.open_source "
+                              f"(needs {{allow_pickle}})")
     return TensorSource([SafetensorsFile(path)], str(path))

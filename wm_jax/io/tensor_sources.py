@@ -88,7 +88,7 @@ def load_pickle_state_dict(path: str | os.PathLike, *, allow_pickle: bool,
     if not allow_pickle:
         raise CheckpointError(
             f"{path}: refusing to read a pickle checkpoint: loading a .pt/.pth file can execute code stored "
-            "in it. Pass --allow_pickle if you trust this file (or convert it from a safetensors copy).")
+            "in it. Pass {allow_pickle} if you trust this file (or convert it from a safetensors copy).")
     try:
         import torch
     except ImportError:

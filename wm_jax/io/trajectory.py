@@ -1,8 +1,9 @@
 """Camera trajectory files (LingBot-World `poses.npy` / `intrinsics.npy`): loading and validation.
 
 `poses.npy` holds [N, 4, 4] camera-to-world matrices in OpenCV axes and `intrinsics.npy` [N, 4] rows
-(fx, fy, cx, cy) in pixels of a 480x832 frame (SPEC §4). Every error raised here names the file it
-is about, so a user pointing `--pose_path` at the wrong file sees which one is wrong.
+(fx, fy, cx, cy) in pixels of a 480x832 frame (SPEC §4). Every error raised by `load_trajectory` names
+the file it is about, so a user who passes the wrong file sees which one is wrong. Pure numpy: the camera
+pipeline (wm_jax.models.camera) validates in-memory trajectories with the same `validate_trajectory`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,29 @@ from pathlib import Path
 
 import numpy as np
 
-from wm_jax.models.camera import validate_trajectory
+from wm_jax.errors import OptionError
 
 POSE_MODES = ("strict", "hold")
+
+
+def validate_trajectory(poses: np.ndarray, intrinsics: np.ndarray, name: str = "poses") -> None:
+    """Raises ValueError naming the frame when poses are not [N,4,4] rigid transforms or contain NaN."""
+    poses = np.asarray(poses)
+    if poses.ndim != 3 or poses.shape[1:] != (4, 4):
+        raise ValueError(f"{name}: expected [N, 4, 4] camera-to-world matrices, got shape {poses.shape}")
+    intrinsics = np.asarray(intrinsics)
+    if intrinsics.ndim != 2 or intrinsics.shape[1] != 4:
+        raise ValueError(f"intrinsics: expected [N, 4] rows (fx, fy, cx, cy), got shape {intrinsics.shape}")
+    for i, p in enumerate(poses):
+        if not np.all(np.isfinite(p)):
+            raise ValueError(f"{name}: frame {i} contains NaN or inf")
+        r = p[:3, :3].astype(np.float64)
+        if np.abs(r @ r.T - np.eye(3)).max() > 1e-3 or np.linalg.det(r) < 0:
+            raise ValueError(f"{name}: frame {i} is not a rigid transform (rotation block not orthonormal)")
+        if np.abs(p[3] - np.array([0, 0, 0, 1])).max() > 1e-6:
+            raise ValueError(f"{name}: frame {i} bottom row is {p[3].tolist()}, expected [0, 0, 0, 1]")
+    if not np.all(np.isfinite(intrinsics[0])) or intrinsics[0, 0] <= 0 or intrinsics[0, 1] <= 0:
+        raise ValueError(f"intrinsics: row 0 must hold positive finite fx, fy; got {intrinsics[0].tolist()}")
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
@@ -93,7 +114,7 @@ def poses_for_frames(poses: np.ndarray, num_pixel_frames: int, mode: str = "stri
       [num_pixel_frames, 4, 4] array (a copy when padded, a slice of `poses` otherwise).
     """
     if mode not in POSE_MODES:
-        raise ValueError(f"unknown pose mode {mode!r}; expected one of {', '.join(POSE_MODES)}")
+        raise OptionError("pose_mode", f"unknown {{pose_mode}} {mode!r}; expected one of {', '.join(POSE_MODES)}")
     poses = np.asarray(poses)
     if poses.ndim != 3 or poses.shape[1:] != (4, 4) or poses.shape[0] == 0:
         raise ValueError(f"poses: expected (N, 4, 4) with N >= 1, got shape {poses.shape}")
@@ -103,9 +124,9 @@ def poses_for_frames(poses: np.ndarray, num_pixel_frames: int, mode: str = "stri
     if given >= num_pixel_frames:
         return poses[:num_pixel_frames]
     if mode == "strict":
-        raise ValueError(
-            f"the trajectory has {given} poses but {num_pixel_frames} pixel frames need one pose each; "
-            f"pass a longer trajectory, generate fewer frames, or use --pose_mode hold to keep the camera "
-            f"still on the last pose")
+        raise OptionError(
+            "pose_mode", f"the trajectory has {given} poses but {num_pixel_frames} pixel frames need one pose "
+            "each; pass a longer trajectory, generate fewer frames, or use {pose_mode} hold to keep the camera "
+            "still on the last pose")
     pad = np.repeat(poses[-1:], num_pixel_frames - given, axis=0)
     return np.concatenate([poses, pad], axis=0)

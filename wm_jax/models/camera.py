@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wm_jax.io.trajectory import validate_trajectory
+
 INTRINSICS_REFERENCE_HW = (480, 832)  # upstream intrinsics are defined for this frame size
 FOLD = 8  # pixels per latent pixel along each axis
 
@@ -140,26 +142,6 @@ def fold_pixels(rays: np.ndarray, fold: int = FOLD) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------
 # Whole-clip (upstream) pipeline.
 # ---------------------------------------------------------------------------------------------------
-
-
-def validate_trajectory(poses: np.ndarray, intrinsics: np.ndarray, name: str = "poses") -> None:
-    """Raises ValueError naming the frame when poses are not [N,4,4] rigid transforms or contain NaN."""
-    poses = np.asarray(poses)
-    if poses.ndim != 3 or poses.shape[1:] != (4, 4):
-        raise ValueError(f"{name}: expected [N, 4, 4] camera-to-world matrices, got shape {poses.shape}")
-    intrinsics = np.asarray(intrinsics)
-    if intrinsics.ndim != 2 or intrinsics.shape[1] != 4:
-        raise ValueError(f"intrinsics: expected [N, 4] rows (fx, fy, cx, cy), got shape {intrinsics.shape}")
-    for i, p in enumerate(poses):
-        if not np.all(np.isfinite(p)):
-            raise ValueError(f"{name}: frame {i} contains NaN or inf")
-        r = p[:3, :3].astype(np.float64)
-        if np.abs(r @ r.T - np.eye(3)).max() > 1e-3 or np.linalg.det(r) < 0:
-            raise ValueError(f"{name}: frame {i} is not a rigid transform (rotation block not orthonormal)")
-        if np.abs(p[3] - np.array([0, 0, 0, 1])).max() > 1e-6:
-            raise ValueError(f"{name}: frame {i} bottom row is {p[3].tolist()}, expected [0, 0, 0, 1]")
-    if not np.all(np.isfinite(intrinsics[0])) or intrinsics[0, 0] <= 0 or intrinsics[0, 1] <= 0:
-        raise ValueError(f"intrinsics: row 0 must hold positive finite fx, fy; got {intrinsics[0].tolist()}")
 
 
 def usable_pixel_frames(num_poses: int, requested_frames: int) -> int:

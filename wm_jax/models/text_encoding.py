@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wm_jax.io import checkpoint as ckpt
+from wm_jax.io.hub import hub_cli_command
 from wm_jax.models.umt5 import UMT5Encoder
 
 log = logging.getLogger(__name__)
@@ -89,9 +91,9 @@ def find_tokenizer_folder(path: Path) -> Path | None:
 
 def _missing_message(where: str) -> str:
     return (f"{where}: no umT5 tokenizer found. Download the tokenizer files of the Hugging Face repo "
-            f"{TOKENIZER_REPO} ({', '.join(TOKENIZER_FILES)}), e.g. `huggingface-cli download {TOKENIZER_REPO} "
-            f"{' '.join(TOKENIZER_FILES)} --local-dir <folder>`, and pass that folder (Wan checkpoints ship "
-            f"it as `google/umt5-xxl/` inside the model folder).")
+            f"{TOKENIZER_REPO} ({', '.join(TOKENIZER_FILES)}), e.g. "
+            f"`{hub_cli_command(TOKENIZER_REPO, TOKENIZER_FILES, local_dir='<folder>')}`, and pass that folder "
+            f"(Wan checkpoints ship it as `google/umt5-xxl/` inside the model folder).")
 
 
 def resolve_tokenizer_folder(path: str | os.PathLike | None) -> Path:
@@ -177,12 +179,8 @@ class UMT5Tokenizer:
 
 
 def module_digest(model: UMT5Encoder) -> str:
-    """sha256 of a module's parameters (same digest as `converters.umt5.params_digest` at conversion)."""
-    from converters.umt5 import params_digest
-    from wm_jax.io.checkpoint import _path_str
-
-    flat = {_path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    return params_digest(flat)
+    """sha256 of a module's parameters (the manifest's `params_sha256` of a converted folder)."""
+    return ckpt.params_digest(ckpt.flat_params(model))
 
 
 @nnx.jit
@@ -194,7 +192,8 @@ class TextEncoder:
     """umT5 encoder + tokenizer + optional prompt cache.
 
     `encode(prompts)` returns one float32 array `[L_i, dim]` per prompt (L_i = its real token count,
-    special tokens included, at most text_len).
+    special tokens included, at most text_len). `converters.umt5.load_text_encoder` builds one from a
+    converted folder.
     """
 
     def __init__(self, model: UMT5Encoder, tokenizer: UMT5Tokenizer, *, cache_dir: str | os.PathLike | None = None,
@@ -209,23 +208,6 @@ class TextEncoder:
                  "tokenizer": tokenizer.digest, "clean": tokenizer.clean}
         self.identity = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
         self.encoder_calls = 0
-
-    @classmethod
-    def from_folder(cls, folder: str | os.PathLike, *, tokenizer: str | os.PathLike | None = None,
-                    cache_dir: str | os.PathLike | None = None, compute_dtype=jnp.bfloat16, precision=None,
-                    text_len: int = TEXT_LEN) -> TextEncoder:
-        """A converted umT5 folder (see converters.umt5); the tokenizer comes from `tokenizer`, else the
-        folder's `tokenizer/` copy, else the hub."""
-        from converters import umt5 as umt5_converter
-        from wm_jax.io.checkpoint import read_manifest
-
-        manifest = read_manifest(folder)
-        tok_path = tokenizer
-        if tok_path is None and find_tokenizer_folder(Path(folder)) is not None:
-            tok_path = folder
-        tok = UMT5Tokenizer(tok_path, text_len=text_len)
-        model = umt5_converter.load(folder, compute_dtype=compute_dtype, precision=precision)
-        return cls(model, tok, cache_dir=cache_dir, params_sha256=manifest.get("params_sha256"))
 
     def cache_key(self, prompt: str) -> str:
         return hashlib.sha256(prompt.encode("utf-8") + b"\0" + self.identity.encode()).hexdigest()

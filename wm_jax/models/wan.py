@@ -22,6 +22,8 @@ from flax import nnx
 from wm_jax.kernels.attention import attention, attention_with_cache
 from wm_jax.models.config import PATCH_SIZE, WanConfig
 from wm_jax.models.embeddings import (apply_rope, patchify, rope_for_grid, timestep_sinusoid, unpatchify)
+from wm_jax.parallel import ulysses
+from wm_jax.parallel.ulysses import SequenceShards
 
 Array = jax.Array
 
@@ -102,15 +104,25 @@ class SelfAttention(nnx.Module):
         return q, k, heads(self.v(x))
 
     def __call__(self, x: Array, rope: tuple[Array, Array], attention_impl: str,
-                 past: PastKV | None = None, mask: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
+                 past: PastKV | None = None, mask: Array | None = None,
+                 shards: SequenceShards | None = None, frames: int = 1) -> tuple[Array, tuple[Array, Array]]:
         """x [B, L, D] -> (output [B, L, D], this call's (k, v) [B, L, N, d] for a KV cache).
 
         With `past`, the queries also attend to the cached keys/values (already rotated at their
         absolute positions); only its first `past.valid_length` tokens count. `mask` [L, L] (True =
         attend) restricts attention among the L tokens themselves (full-sequence references only).
+        With `shards` (inside shard_map), x holds this device's tokens of `frames` latent frames and
+        attention runs Ulysses-style: the returned (k, v) are [B, F·S, N/P, d], every real token of this
+        device's heads (the layout of the head-sharded cache).
         """
         b, length, _ = x.shape
         q, k, v = self.project_qkv(x, rope)
+        if shards is not None:
+            if mask is not None:
+                raise ValueError("a dense attention mask is for single-device references only")
+            cache = None if past is None else (past.k, past.v, past.layer, past.valid_length)
+            out, new_kv = ulysses.self_attention(q, k, v, shards, frames, cache=cache, implementation=attention_impl)
+            return self.o(out.reshape(b, length, -1)), new_kv
         if past is None:
             out = attention(q, k, v, mask=mask, implementation=attention_impl)
         else:
@@ -144,12 +156,20 @@ class CrossAttention(nnx.Module):
             kv["v_img"] = heads(self.v_img(image_context))
         return kv
 
-    def __call__(self, x: Array, kv: dict[str, Array], attention_impl: str) -> Array:
+    def __call__(self, x: Array, kv: dict[str, Array], attention_impl: str,
+                 shards: SequenceShards | None = None, frames: int = 1) -> Array:
+        """x [B, L, D] (with `shards`: this device's tokens of `frames` frames) -> [B, L, D]."""
         b, length, _ = x.shape
         q = self.norm_q(self.q(x)).reshape(b, length, self.num_heads, -1)
-        out = attention(q, kv["k"], kv["v"], implementation=attention_impl)
+        if shards is None:
+            attend = lambda k, v: attention(q, k, v, implementation=attention_impl)
+        else:
+            attend = lambda k, v: ulysses.cross_attention(q, k, v, shards, frames,
+                                                          heads_sharded=shards.context_heads_sharded,
+                                                          implementation=attention_impl)
+        out = attend(kv["k"], kv["v"])
         if self.has_image:
-            out = out + attention(q, kv["k_img"], kv["v_img"], implementation=attention_impl)
+            out = out + attend(kv["k_img"], kv["v_img"])
         return self.o(out.reshape(b, length, -1))
 
 
@@ -191,12 +211,14 @@ class BlockInputs:
 
     Shapes: e0 [B, F, 6, D] (modulation offsets per latent frame); rope (cos, sin) each [L, d/2];
     camera [B, L, D] or None; attention_mask [L, L] bool or None (self-attention, True = attend).
+    With `shards`, L counts this device's tokens only (F·S_dev).
     """
 
     e0: Array
     rope: tuple[Array, Array]
     camera: Array | None
     attention_mask: Array | None = None
+    shards: SequenceShards | None = None
 
 
 class WanBlock(nnx.Module):
@@ -215,6 +237,8 @@ class WanBlock(nnx.Module):
         """x [B, F, S, D] residual stream (mod dtype) -> (same, self-attention (k, v) [B, F·S, N, d]).
 
         ctx_kv: this layer's cross-attention K/V from `CrossAttention.context_kv`; past: this layer's cache.
+        With `inputs.shards`, S is this device's share of each frame and (k, v) are head-sharded (see
+        `SelfAttention`).
         """
         b, f, s, d = x.shape
         m = self.modulation[...].astype(self.mod_dtype) + inputs.e0.astype(self.mod_dtype)  # [B, F, 6, D]
@@ -223,11 +247,12 @@ class WanBlock(nnx.Module):
         frames = lambda t: t.reshape(b, f, s, -1)
 
         h = layer_norm(x, self.eps).astype(self.mod_dtype) * (1 + scale_sa) + shift_sa
-        y, new_kv = self.self_attn(flat(h), inputs.rope, attention_impl, past, inputs.attention_mask)
+        y, new_kv = self.self_attn(flat(h), inputs.rope, attention_impl, past, inputs.attention_mask,
+                                   inputs.shards, f)
         x = x + frames(y).astype(self.mod_dtype) * gate_sa
         if self.camera is not None and inputs.camera is not None:
             x = frames(self.camera(flat(x), inputs.camera))
-        y = self.cross_attn(flat(self.norm3(x).astype(x.dtype)), ctx_kv, attention_impl)
+        y = self.cross_attn(flat(self.norm3(x).astype(x.dtype)), ctx_kv, attention_impl, inputs.shards, f)
         x = x + frames(y).astype(self.mod_dtype)
         h = layer_norm(x, self.eps).astype(self.mod_dtype) * (1 + scale_ff) + shift_ff
         y = frames(self.ffn(flat(h)))
@@ -254,7 +279,7 @@ class ImageEmbedding(nnx.Module):
 
 
 class CameraEmbedding(nnx.Module):
-    """LingBot camera map [B, F, H, W, C_cam] -> per-token features [B, L, D]: p + MLP(p)."""
+    """LingBot camera map, patchified [B, F, S, 4·C_cam] -> per-token features [B, F·S, D]: p + MLP(p)."""
 
     def __init__(self, cfg: WanConfig, *, rngs: nnx.Rngs, dtype):
         d = cfg.dim
@@ -262,9 +287,9 @@ class CameraEmbedding(nnx.Module):
         self.fc1 = _dense(cfg, rngs, dtype, d, d)
         self.fc2 = _dense(cfg, rngs, dtype, d, d)
 
-    def __call__(self, camera: Array) -> Array:
-        b = camera.shape[0]
-        p = self.patch(patchify(camera).reshape(b, -1, self.patch.kernel.shape[0]))
+    def __call__(self, camera_tokens: Array) -> Array:
+        b = camera_tokens.shape[0]
+        p = self.patch(camera_tokens.reshape(b, -1, camera_tokens.shape[-1]))
         return p + self.fc2(jax.nn.silu(self.fc1(p)))
 
 
@@ -403,7 +428,8 @@ class WanModel(nnx.Module):
     def forward_with_cross_kv(self, x: Array, t: Array, cross_kv: dict[str, Array], *,
                               camera: Array | None = None, frame_offset: Array | int = 0,
                               cache: tuple[Array, Array, Array] | None = None,
-                              attention_mask: Array | None = None) -> tuple[Array, tuple[Array, Array]]:
+                              attention_mask: Array | None = None,
+                              shards: SequenceShards | None = None) -> tuple[Array, tuple[Array, Array]]:
         """The forward with the conditioning precomputed (x already holds all in_dim channels).
 
         Args:
@@ -415,14 +441,19 @@ class WanModel(nnx.Module):
           attention_mask: optional self-attention mask [F·S, F·S] bool (True = attend), tokens in
             (f, i, j) order; for full-sequence references such as the block-causal mask of a rollout
             (`CacheLayout.visible_frames`). Not combinable with `cache`.
+          shards: run as one device of a Ulysses group (inside `shard_map` over `shards.axis_name`): x,
+            t, camera are whole (the same on every device); each device embeds and runs its share of
+            every frame's tokens, the cache and the returned (k, v) hold this device's N/P heads, and the
+            output is gathered whole on every device.
         Returns:
           (flow [B, F, H, W, out_dim] float32, this chunk's self-attention (k, v), each
-          [layers, B, F·S, N, d], k rotated at absolute positions frame_offset + f).
+          [layers, B, F·S, N, d] (N/P heads with `shards`), k rotated at absolute positions frame_offset + f).
         """
         cfg = self.config
         b, f, h, w, _ = x.shape
-        s = (h // 2) * (w // 2)
-        tokens = self.patch_embed(patchify(x.astype(self.compute_dtype)))  # [B, F, S, D]
+        local = (lambda a, axis=2: a) if shards is None else shards.local_tokens
+        tokens = self.patch_embed(local(patchify(x.astype(self.compute_dtype))))  # [B, F, S(_dev), D]
+        s = tokens.shape[2]
         stream = tokens.astype(self.mod_dtype)
         e, e0 = self.embed_time(t, b, f)
         if camera is not None:
@@ -431,13 +462,14 @@ class WanModel(nnx.Module):
             if camera.shape[:4] != x.shape[:4] or camera.shape[-1] != cfg.camera_channels:
                 raise ValueError(f"camera map has shape {camera.shape}; expected "
                                  f"{(*x.shape[:4], cfg.camera_channels)}")
-            camera = self.camera_embed(camera.astype(self.compute_dtype))
+            camera = self.camera_embed(local(patchify(camera.astype(self.compute_dtype))))
         if attention_mask is not None and cache is not None:
             raise ValueError("attention_mask covers the tokens of x only; it cannot be combined with a cache")
         if attention_mask is not None and attention_mask.shape != (f * s, f * s):
             raise ValueError(f"attention_mask must be [{f * s}, {f * s}] (tokens of x), got {attention_mask.shape}")
-        inputs = BlockInputs(e0=e0, rope=rope_for_grid(cfg.head_dim, f, h // 2, w // 2, frame_offset),
-                             camera=camera, attention_mask=attention_mask)
+        rope = rope_for_grid(cfg.head_dim, f, h // 2, w // 2, frame_offset)
+        rope = tuple(local(r.reshape(f, -1, r.shape[-1]), 1).reshape(f * s, -1) for r in rope)
+        inputs = BlockInputs(e0=e0, rope=rope, camera=camera, attention_mask=attention_mask, shards=shards)
         graphdef, state = nnx.split(self.blocks)
         layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
 
@@ -449,8 +481,10 @@ class WanModel(nnx.Module):
             return block(stream, layer_cross_kv, inputs, self.attention_impl, past)
 
         stream, new_kv = jax.lax.scan(layer, stream, (state, cross_kv, layers))
-        out = self.head(stream, e)  # [B, F, S, 4·C]
-        return unpatchify(out.astype(jnp.float32).reshape(b, f, s, -1), h // 2, w // 2), new_kv
+        out = self.head(stream, e).astype(jnp.float32)  # [B, F, S(_dev), 4·C]
+        if shards is not None:
+            out = shards.gather_tokens(out)
+        return unpatchify(out, h // 2, w // 2), new_kv
 
 
 @dataclass(frozen=True)

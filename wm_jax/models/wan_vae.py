@@ -135,6 +135,9 @@ class WanVAEConfig(WanVAEConfigBase):
     dim: int = 96
 
 
+VAE_STRIDE = (4, 8, 8)  # (time, height, width): latents per pixel frames, pixels per latent
+
+
 def num_pixel_frames(num_latents: int, temporal_stride: int = 4) -> int:
     """T latents -> 1 + stride·(T-1) frames."""
     return 1 + temporal_stride * (num_latents - 1)

@@ -15,9 +15,8 @@ import numpy as np
 from converters import wan_dit
 from wm_jax.io.tensor_sources import open_source
 from wm_jax.models import camera as cam
+from wm_jax.models.wan_vae import VAE_STRIDE
 from wm_jax.parity.common import model_overrides
-
-VAE_STRIDE = (4, 8, 8)
 
 
 def run(case_dir: Path, config: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from wm_jax.models import camera as cam
+from wm_jax.models.wan_vae import VAE_STRIDE
 from wm_jax.parity.rollout import replay
 from wm_jax.streaming.schedules import lingbot_fast_schedule
-
-VAE_STRIDE = (4, 8, 8)
 
 
 def run(case_dir: Path, config: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """Builds a recipe's components: DiT, decoder, I2V VAE encoder and the prompt -> features function.
 
 Random-weight recipes (`tiny`) build everything from a seed. Real recipes load converted folders from
-`--checkpoint DIR` (`DIR/dit`, `DIR/text_encoder`, `DIR/vae`, `DIR/decoder`), downloading and
+the checkpoint folder DIR (`DIR/dit`, `DIR/text_encoder`, `DIR/vae`, `DIR/decoder`), downloading and
 converting any missing component from the recipe's hub files first.
 """
 
@@ -19,7 +19,9 @@ from flax import nnx
 from wm_jax.io.safetensors_io import CheckpointError
 from wm_jax.models.config import WanConfig, preset
 from wm_jax.models.wan import WanModel
-from wm_jax.streaming.engine import Decoder, taehv_decoder, wan_vae_decoder
+from wm_jax.parallel.sharding import create_sharded, flat_param_shardings, param_shardings, replicated_shardings
+from wm_jax.streaming.decoders import Decoder, on_mesh, taehv_decoder, wan_vae_decoder
+from wm_jax.streaming.plan import RolloutPlan
 from wm_jax.streaming.recipes import HubFiles, Recipe
 
 
@@ -43,15 +45,19 @@ def hashed_text_features(prompt: str, text_dim: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, tokens, text_dim)).astype(np.float32)
 
 
-def build_random(recipe: Recipe, seed: int, compute_dtype=jnp.float32) -> Components:
-    """Every component with seeded random weights (no checkpoint, no text encoder)."""
+def build_random(recipe: Recipe, plan: RolloutPlan, seed: int, compute_dtype=jnp.float32) -> Components:
+    """Every component with seeded random weights (no checkpoint, no text encoder), created on the plan's
+    mesh in the sharding table's placement (one jitted initialisation each, no host copy)."""
     from wm_jax.models.wan_vae import WanVAE, WanVAEConfig
 
     cfg = model_config(recipe)
-    dit = WanModel(cfg, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype)
     if recipe.decoder != "wan_vae":
         raise ValueError(f"recipe {recipe.slug}: random weights are only wired for the Wan VAE decoder")
-    vae = WanVAE(WanVAEConfig(**recipe.vae_config), rngs=nnx.Rngs(seed + 1))
+    mesh, rules = plan.mesh, plan.rules
+    dit = create_sharded(lambda: WanModel(cfg, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype),
+                         lambda state: param_shardings(state, rules, mesh))
+    vae = create_sharded(lambda: WanVAE(WanVAEConfig(**recipe.vae_config), rngs=nnx.Rngs(seed + 1)),
+                         lambda state: replicated_shardings(state, mesh))
     return Components(dit=dit, decoder=wan_vae_decoder(vae),
                       vae_encoder=vae if recipe.task == "i2v_camera" else None,
                       encode_prompt=lambda p: hashed_text_features(p, cfg.text_dim),
@@ -78,10 +84,10 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
                               f"download and convert the {name} there again")
     if hub is None:
         raise CheckpointError(f"{folder}: no converted {name} here and the recipe names no hub files for it; "
-                              f"convert one with `wm-jax convert --src ... --dst {folder}`")
+                              f"convert one with `wm-jax convert {{src}} ... {{dst}} {folder}`")
     if hub.allow_pickle and not allow_pickle:
-        raise CheckpointError(f"{name}: {hub.repo}/{hub.path} is a torch pickle; pass --allow_pickle to convert it "
-                              f"(or convert it yourself with `wm-jax convert ... --dst {folder}`)")
+        raise CheckpointError(f"{name}: {hub.repo}/{hub.path} is a torch pickle; pass {{allow_pickle}} to convert it "
+                              f"(or convert it yourself with `wm-jax convert ... {{dst}} {folder}`)")
     root = download(hub.repo, hub.allow_patterns, cache_dir=cache_dir)
     src = root / hub.path if hub.path else root
     if not src.exists():
@@ -94,11 +100,11 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
 def check_compatible(recipe: Recipe, dit: WanConfig, text_dim: int, checkpoint_dir: Path) -> None:
     """Raises CheckpointError when the converted DiT cannot serve the recipe (wrong task inputs, no
     camera layers for a camera recipe, or a text width other than the text encoder's)."""
-    where = f"--checkpoint {checkpoint_dir}: {checkpoint_dir / 'dit'}"
+    where = f"{{checkpoint}} {checkpoint_dir}: {checkpoint_dir / 'dit'}"
     inputs = 16 + 20 if recipe.task == "i2v_camera" else 16  # noise (+ mask 4 + image latent 16)
     if dit.in_dim != inputs:
         raise CheckpointError(f"{where} takes {dit.in_dim} input channels; recipe {recipe.slug} ({recipe.task}) "
-                              f"feeds {inputs}. Wrong --hub_repo or checkpoint for this recipe?")
+                              f"feeds {inputs}. Wrong {{hub_repo}} or checkpoint for this recipe?")
     if recipe.task == "i2v_camera" and not dit.camera_channels:
         raise CheckpointError(f"{where} has no camera layers; recipe {recipe.slug} steers the camera "
                               "(a LingBot-World camera checkpoint is needed)")
@@ -107,13 +113,26 @@ def check_compatible(recipe: Recipe, dit: WanConfig, text_dim: int, checkpoint_d
                               f"{checkpoint_dir / 'text_encoder'} gives {text_dim}")
 
 
-def load_components(recipe: Recipe, checkpoint_dir: str | Path, *, compute_dtype, dit_hub_repo: str | None = None,
-                    allow_pickle: bool = False, cache_dir: str | None = None,
+def dit_config(recipe: Recipe, checkpoint_dir: str | Path | None) -> WanConfig:
+    """The DiT architecture a run will have: the converted checkpoint's (when already there) or the
+    recipe's preset. Read before any weight is loaded, so the rollout plan is validated first."""
+    from wm_jax.io.checkpoint import read_manifest
+
+    folder = Path(checkpoint_dir) / "dit" if checkpoint_dir else None
+    if folder is not None and (folder / "wm_jax.json").is_file():
+        return WanConfig.from_dict(read_manifest(folder, kind="wan_dit")["config"])
+    return model_config(recipe)
+
+
+def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Path, *, compute_dtype,
+                    dit_hub_repo: str | None = None, allow_pickle: bool = False, cache_dir: str | None = None,
                     text_cache_dir: str | None = None) -> Components:
+    """Loads (downloading and converting where missing) every component onto the plan's mesh: the DiT
+    restored straight into its sharding, decoder / encoder replicated."""
     from converters import taehv as taehv_conv
     from converters import wan_dit
     from converters import wan_vae as wan_vae_conv
-    from wm_jax.models.text_encoding import TextEncoder
+    from converters.umt5 import load_text_encoder
 
     root = Path(checkpoint_dir)
     hubs = dict(recipe.weights)
@@ -123,16 +142,20 @@ def load_components(recipe: Recipe, checkpoint_dir: str | Path, *, compute_dtype
     def folder(name: str) -> Path:
         return ensure_component(name, root / name, hubs.get(name), allow_pickle=allow_pickle, cache_dir=cache_dir)
 
-    dit = wan_dit.load(folder("dit"), compute_dtype=compute_dtype)
+    mesh, rules = plan.mesh, plan.rules
+    dit_folder = folder("dit")
+    abstract = nnx.state(nnx.eval_shape(lambda: WanModel(dit_config(recipe, root), compute_dtype=compute_dtype)))
+    dit = wan_dit.load(dit_folder, compute_dtype=compute_dtype,
+                       shardings=flat_param_shardings(abstract, rules, mesh))
     vae = None
     if recipe.decoder == "wan_vae" or recipe.task == "i2v_camera":
-        vae = wan_vae_conv.load(folder("vae"))
+        vae = on_mesh(wan_vae_conv.load(folder("vae")), mesh)
         vae.compute_dtype = compute_dtype
     if recipe.decoder == "wan_vae":
         decoder = wan_vae_decoder(vae)
     else:
-        decoder = taehv_decoder(taehv_conv.load(folder("decoder"), compute_dtype=compute_dtype))
-    text = TextEncoder.from_folder(folder("text_encoder"), cache_dir=text_cache_dir)
+        decoder = taehv_decoder(on_mesh(taehv_conv.load(folder("decoder"), compute_dtype=compute_dtype), mesh))
+    text = load_text_encoder(folder("text_encoder"), cache_dir=text_cache_dir)
     check_compatible(recipe, dit.config, text.config.dim, root)
     return Components(dit=dit, decoder=decoder, vae_encoder=vae if recipe.task == "i2v_camera" else None,
                       encode_prompt=lambda p: np.asarray(text.encode([p])[0], np.float32)[None],

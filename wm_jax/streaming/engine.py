@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,31 +28,13 @@ from flax import nnx
 
 from wm_jax.io.video import frames_to_uint8
 from wm_jax.models import camera as cam
-from wm_jax.models.embeddings import ROPE_MAX_POSITIONS
 from wm_jax.models.wan import WanModel
+from wm_jax.parallel.mesh import local_replica, put_replicated, to_host
 from wm_jax.streaming import memory
+from wm_jax.streaming.decoders import Decoder
+from wm_jax.streaming.plan import RolloutPlan
 from wm_jax.streaming.recipes import Recipe
 from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise
-
-VAE_STRIDE = (4, 8, 8)
-SPATIAL_MULTIPLE = 16  # VAE stride 8 x DiT patch 2
-
-
-def check_resolution(height: int, width: int) -> None:
-    """Raises ValueError with the nearest valid sizes unless both are multiples of 16."""
-    bad = [(name, v) for name, v in (("pixel_height", height), ("pixel_width", width)) if v % SPATIAL_MULTIPLE or v <= 0]
-    if bad:
-        hints = ", ".join(f"--{n} {v}: use {max(SPATIAL_MULTIPLE, v // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE)} or "
-                          f"{(v // SPATIAL_MULTIPLE + 1) * SPATIAL_MULTIPLE}" for n, v in bad)
-        raise ValueError(f"resolution must be a multiple of {SPATIAL_MULTIPLE} (VAE stride 8 x patch 2): {hints}")
-
-
-def check_rope_limit(total_blocks: int, chunk_frames: int) -> None:
-    frames = total_blocks * chunk_frames
-    if frames > ROPE_MAX_POSITIONS:
-        raise ValueError(f"--total_blocks {total_blocks} needs {frames} latent frames, past the RoPE position limit "
-                         f"of {ROPE_MAX_POSITIONS} (absolute frame index <= {ROPE_MAX_POSITIONS - 1}); "
-                         f"use --total_blocks {ROPE_MAX_POSITIONS // chunk_frames} or fewer")
 
 
 @dataclass
@@ -78,37 +59,6 @@ class StepStats:
 
 
 @dataclass
-class Decoder:
-    """A streaming decoder: `step(z_chunk [B, F, h, w, C], state) -> (frames [B, T, H, W, 3], state)`.
-
-    value_range is the frames' range: (-1, 1) for the Wan VAE, (0, 1) for TAEHV. weights is the
-    parameter pytree (for the memory estimate).
-    """
-
-    name: str
-    init_state: Callable[[int, int, int], Any]  # (batch, latent_h, latent_w) -> state
-    step: Callable[[jax.Array, Any], tuple[jax.Array, Any]]
-    value_range: tuple[float, float]
-    weights: Any
-
-
-def wan_vae_decoder(vae) -> Decoder:
-    from wm_jax.models import wan_vae
-
-    return Decoder("wan_vae", lambda b, h, w: vae.init_decoder_cache(b, h, w),
-                   wan_vae.jit_decode_chunk(vae, donate_cache=True), (-1.0, 1.0), nnx.state(vae))
-
-
-def taehv_decoder(module) -> Decoder:
-    from wm_jax.models import taehv
-
-    graphdef, params = nnx.split(module)
-    step = jax.jit(lambda p, z, state: taehv.decode_chunk(nnx.merge(graphdef, p), z, state), donate_argnums=(2,))
-    return Decoder("taehv", lambda b, h, w: taehv.init_decoder_state(module, b, h, w),
-                   lambda z, state: step(params, z, state), (0.0, 1.0), params)
-
-
-@dataclass
 class RolloutState:
     chunk_index: int = 0
     cache: Any = None
@@ -121,32 +71,27 @@ class RolloutState:
 
 
 class WorldRollout:
-    """Streams a world from a recipe and loaded components (DiT, decoder, optional I2V VAE encoder).
+    """Streams a world from a recipe, its rollout plan and loaded components (DiT, decoder, optional
+    I2V VAE encoder), on the plan's mesh.
 
-    Raises DeviceMemoryError at construction when the estimated buffers (`self.memory`, activations
-    aside) exceed the device's memory (`memory.device_capacity()`; not checked where unknown, e.g. CPU).
+    Raises DeviceMemoryError at construction when the estimated buffers per device (`self.memory`,
+    activations aside) exceed a device's memory (`memory.device_capacity()`; not checked where unknown,
+    e.g. CPU).
     """
 
-    def __init__(self, recipe: Recipe, dit: WanModel, decoder: Decoder, *, pixel_height: int, pixel_width: int,
-                 total_blocks: int, seed: int, vae_encoder=None, noise_dtype=jnp.float32):
-        check_resolution(pixel_height, pixel_width)
-        check_rope_limit(total_blocks, recipe.chunk_frames)
+    def __init__(self, recipe: Recipe, plan: RolloutPlan, dit: WanModel, decoder: Decoder, *, seed: int,
+                 vae_encoder=None, noise_dtype=jnp.float32):
         if recipe.task == "i2v_camera" and vae_encoder is None:
             raise ValueError(f"recipe {recipe.slug} is image-to-video: it needs the Wan VAE encoder")
         self.recipe = recipe
+        self.plan = plan
         self.decoder = decoder
         self.vae_encoder = vae_encoder
-        self.pixel_height, self.pixel_width = pixel_height, pixel_width
-        self.latent_h, self.latent_w = pixel_height // VAE_STRIDE[1], pixel_width // VAE_STRIDE[2]
-        self.total_blocks = total_blocks
-        self.key = jax.random.key(seed)
         self.noise_dtype = noise_dtype
-        tokens_per_frame = (self.latent_h // 2) * (self.latent_w // 2)
-        self.layout = recipe.cache_layout(tokens_per_frame, total_blocks * recipe.chunk_frames)
-        self.step = StreamingStep(dit, recipe.step_schedule(), self.layout)
-        self.chunk_shape = (1, recipe.chunk_frames, self.latent_h, self.latent_w, 16)
-        self._noise = jax.jit(lambda key, chunk: chunk_noise(key, chunk, self.step.schedule.num_steps,
-                                                             self.chunk_shape, noise_dtype))
+        self.step = StreamingStep(dit, recipe.step_schedule(), plan)
+        num_passes, shape = self.step.schedule.num_steps, plan.chunk_shape
+        self._noise = jax.jit(lambda chunk: chunk_noise(jax.random.key(seed), chunk, num_passes, shape, noise_dtype),
+                              out_shardings=self.step.replicated)
         self.state = RolloutState()
         self.compile_seconds = 0.0
         self.last_latents: np.ndarray | None = None
@@ -159,22 +104,24 @@ class WorldRollout:
     def start(self, text_features: np.ndarray, *, image: np.ndarray | None = None,
               camera: cam.StreamingCamera | None = None) -> None:
         """Resets the world: prompt features [1, L, text_dim]; I2V image uint8 [H, W, 3]; camera stream."""
+        plan = self.plan
         if self.recipe.task == "i2v_camera":
             if image is None:
-                raise ValueError(f"recipe {self.recipe.slug} needs a conditioning image (--image or --example_data)")
-            if image.shape[:2] != (self.pixel_height, self.pixel_width):
-                raise ValueError(f"image is {image.shape[:2]}, expected {(self.pixel_height, self.pixel_width)} "
+                raise ValueError(f"recipe {self.recipe.slug} needs a conditioning image")
+            if image.shape[:2] != (plan.pixel_height, plan.pixel_width):
+                raise ValueError(f"image is {image.shape[:2]}, expected {(plan.pixel_height, plan.pixel_width)} "
                                  "(resize before starting)")
+        whole = lambda tree: put_replicated(tree, plan.mesh)
         with self._explain_oom("allocating the KV cache, cross-attention K/V and decoder/encoder state"):
             cache, decoder_state, encoder_cache, cross_kv = jax.block_until_ready((
-                self.step.init_cache(1),
-                self.decoder.init_state(1, self.latent_h, self.latent_w),
-                (self.vae_encoder.init_encoder_cache(1, self.pixel_height, self.pixel_width)
+                self.step.init_cache(),
+                whole(self.decoder.init_state(plan.batch, plan.latent_height, plan.latent_width)),
+                (whole(self.vae_encoder.init_encoder_cache(plan.batch, plan.pixel_height, plan.pixel_width))
                  if self.vae_encoder is not None else None),
-                self.step.cross_kv(jnp.asarray(text_features))))
+                self.step.cross_kv(text_features)))
         self.state = RolloutState(
             cache=cache, decoder_state=decoder_state, encoder_cache=encoder_cache, camera=camera, cross_kv=cross_kv,
-            image=None if image is None else jnp.asarray(image, jnp.float32)[None] / 127.5 - 1.0,
+            image=None if image is None else whole(np.asarray(image, np.float32)[None] / 127.5 - 1.0),
         )
 
     def _conditioning(self, latent_poses: np.ndarray | None) -> ChunkInputs:
@@ -184,12 +131,12 @@ class WorldRollout:
         y = camera = None
         if self.vae_encoder is not None:
             first = s.chunk_index == 0
-            y, s.encoder_cache = i2v_condition_chunk(self.vae_encoder, s.encoder_cache, self.recipe.chunk_frames,
+            y, s.encoder_cache = i2v_condition_chunk(self.vae_encoder, s.encoder_cache, self.plan.chunk_frames,
                                                      image=s.image if first else None)
         if s.camera is not None:
             if latent_poses is None:
                 raise ValueError("this rollout streams a camera: pass the chunk's latent poses")
-            camera = jnp.asarray(s.camera.next_chunk(latent_poses))[None]
+            camera = self.step.whole(s.camera.next_chunk(latent_poses)[None])
         return ChunkInputs(y=y, camera=camera)
 
     def next_chunk(self, latent_poses: np.ndarray | None = None, noise: np.ndarray | None = None, *,
@@ -205,14 +152,15 @@ class WorldRollout:
         s = self.state
         if s.cache is None:
             raise RuntimeError("call start() first")
-        if s.chunk_index >= self.total_blocks:
-            raise RuntimeError(f"the rollout was sized for {self.total_blocks} blocks (--total_blocks)")
+        if s.chunk_index >= self.plan.total_blocks:
+            raise RuntimeError(f"the rollout was planned for {self.plan.total_blocks} chunks (total_blocks)")
         sync = jax.block_until_ready
         t0 = time.perf_counter()
         with self._explain_oom("encoding the conditioning"):
             inputs = sync(self._conditioning(latent_poses))
         t1 = time.perf_counter()
-        noise = self._noise(self.key, s.chunk_index) if noise is None else jnp.asarray(noise, self.noise_dtype)
+        noise = (self._noise(put_replicated(np.int32(s.chunk_index), self.plan.mesh)) if noise is None
+                 else self.step.whole(np.asarray(noise, self.noise_dtype)))
         if self._denoise is None:
             with self._explain_oom("compiling the denoise/commit programs"):
                 self._compile(noise, inputs)
@@ -230,7 +178,7 @@ class WorldRollout:
                           frames.shape[0])
         s.history.append(stats)
         s.chunk_index += 1
-        self.last_latents = np.asarray(x0[0])
+        self.last_latents = to_host(x0)[0]
         return frames, stats
 
     def _decode(self, x0: jax.Array, float_frames: bool) -> np.ndarray:
@@ -238,8 +186,8 @@ class WorldRollout:
         s = self.state
         frames, s.decoder_state = self.decoder.step(x0.astype(self.step.compute_dtype), s.decoder_state)
         if float_frames:
-            return np.asarray(frames, np.float32)[0]
-        return frames_to_uint8(frames, self.decoder.value_range)[0]
+            return to_host(frames).astype(np.float32)[0]
+        return frames_to_uint8(local_replica(frames), self.decoder.value_range)[0]
 
     def _compile(self, noise: jax.Array, inputs: ChunkInputs) -> None:
         """Compiles the denoise and commit programs once, ahead of time, for this rollout's shapes.
@@ -251,7 +199,7 @@ class WorldRollout:
         start = time.perf_counter()
         args = (self.step.params, s.cache, s.cross_kv, noise, inputs)
         self._denoise = self.step.denoise.lower(*args).compile()
-        x0_spec = jax.ShapeDtypeStruct(noise.shape[1:], jnp.float32)
+        x0_spec = jax.ShapeDtypeStruct(noise.shape[1:], jnp.float32, sharding=self.step.replicated)
         self._commit = self.step.commit.lower(self.step.params, s.cache, s.cross_kv, x0_spec, inputs).compile()
         self.compile_seconds = time.perf_counter() - start
         self.memory = self.memory.with_compiled(self._denoise, self._commit)
@@ -260,23 +208,26 @@ class WorldRollout:
     # -- device memory -------------------------------------------------------------------------------
 
     def _estimate_memory(self) -> memory.MemoryEstimate:
-        """Bytes per part from shapes only (nothing allocated, nothing compiled); rough activations."""
-        cfg, encoder = self.step.config, self.vae_encoder
+        """Bytes per part on one device from shapes only (nothing allocated, nothing compiled); rough
+        activations. The KV cache is split over the devices by heads; everything else is whole."""
+        plan, cfg, encoder = self.plan, self.step.config, self.vae_encoder
         text = jax.ShapeDtypeStruct((1, 1, cfg.text_dim), jnp.float32)  # padded to text_len inside
-        states = [jax.eval_shape(lambda: self.decoder.init_state(1, self.latent_h, self.latent_w))]
+        states = [jax.eval_shape(lambda: self.decoder.init_state(plan.batch, plan.latent_height, plan.latent_width))]
         if encoder is not None:
-            states.append(jax.eval_shape(lambda: encoder.init_encoder_cache(1, self.pixel_height, self.pixel_width)))
-        cache = jax.eval_shape(lambda: self.step.init_cache(1))
+            states.append(jax.eval_shape(lambda: encoder.init_encoder_cache(plan.batch, plan.pixel_height,
+                                                                            plan.pixel_width)))
+        cache = jax.eval_shape(self.step.init_cache)
         dit_weights = memory.tree_nbytes(self.step.params)
         vae_weights = memory.tree_nbytes(self.decoder.weights, None if encoder is None else nnx.state(encoder))
         in_use = memory.device_bytes_in_use()
+        cross_kv = memory.tree_nbytes(jax.eval_shape(self.step._compute_cross_kv, self.step.params, text, None))
         return memory.MemoryEstimate(
             dit_weights=dit_weights,
-            kv_cache=memory.tree_nbytes(cache.k, cache.v),
-            cross_kv=memory.tree_nbytes(jax.eval_shape(self.step.cross_kv, text)),
+            kv_cache=memory.tree_nbytes(cache.k, cache.v) // plan.num_devices,
+            cross_kv=cross_kv // (plan.num_devices if plan.shards.context_heads_sharded else 1),
             vae_weights=vae_weights,
             vae_state=memory.tree_nbytes(*states),
-            activations=memory.rough_activation_bytes(cfg, self.recipe.chunk_frames * self.layout.tokens_per_frame),
+            activations=memory.rough_activation_bytes(cfg, plan.chunk_tokens_per_device),
             other=0 if in_use is None else max(0, in_use - dit_weights - vae_weights))
 
     def _check_fits(self, needed: int, reason: str) -> None:
@@ -285,8 +236,9 @@ class WorldRollout:
             raise self._memory_error(reason, capacity)
 
     def _memory_error(self, reason: str, capacity: int | None, cause: str | None = None) -> memory.DeviceMemoryError:
-        size = memory.RolloutSize(self.recipe.slug, self.pixel_height, self.pixel_width, self.total_blocks,
-                                  self.layout, jnp.dtype(self.step.compute_dtype).name)
+        plan = self.plan
+        size = memory.RolloutSize(self.recipe.slug, plan.pixel_height, plan.pixel_width, plan.total_blocks,
+                                  plan.cache, jnp.dtype(self.step.compute_dtype).name)
         return memory.memory_error(reason, self.memory, capacity, memory.reduction_flags(size, self.memory, capacity),
                                    jax.devices()[0].device_kind, cause)
 

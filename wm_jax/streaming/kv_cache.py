@@ -10,7 +10,7 @@ ring_frames = 0 later frames are not kept at all (the chunk sees the sink and it
 slots are always a prefix of the buffer: min(committed, sink + ring) frames.
 
 Upstream's `local_attn_size` / FlashDreams' window count the current chunk (and upstream the sink
-too): `CacheLayout.from_upstream(local_attn_size, sink_size, chunk_frames)` converts.
+too): `upstream_cache_frames(local_attn_size, sink_size, chunk_frames)` converts.
 """
 
 from __future__ import annotations
@@ -41,19 +41,6 @@ class CacheLayout:
     sink_frames: int
     ring_frames: int
     chunk_frames: int = 3
-
-    @classmethod
-    def from_upstream(cls, local_attn_size: int, sink_size: int, chunk_frames: int, tokens_per_frame: int,
-                      max_frames: int) -> CacheLayout:
-        """Upstream semantics: local_attn_size −1 = attend to everything (up to `max_frames` frames);
-        else a buffer of local_attn_size frames that includes the sink and the current chunk."""
-        if local_attn_size == -1:
-            return cls(tokens_per_frame, sink_frames=max_frames, ring_frames=0, chunk_frames=chunk_frames)
-        ring = local_attn_size - sink_size - chunk_frames
-        if ring < 0:
-            raise ValueError(f"local_attn_size {local_attn_size} cannot hold sink {sink_size} + a chunk of "
-                             f"{chunk_frames} frames")
-        return cls(tokens_per_frame, sink_frames=sink_size, ring_frames=ring, chunk_frames=chunk_frames)
 
     @property
     def capacity_frames(self) -> int:
@@ -96,6 +83,20 @@ class CacheLayout:
 
     def valid_tokens(self, committed_frames: Array) -> Array:
         return jnp.minimum(committed_frames, self.capacity_frames).astype(jnp.int32) * self.tokens_per_frame
+
+
+def upstream_cache_frames(local_attn_size: int, sink_size: int, chunk_frames: int) -> tuple[int | None, int]:
+    """(sink frames, ring frames) of upstream's cache settings; sink None = keep every frame.
+
+    Upstream semantics: local_attn_size −1 attends to everything; else a buffer of local_attn_size
+    frames that includes the sink and the current chunk."""
+    if local_attn_size == -1:
+        return None, 0
+    ring = local_attn_size - sink_size - chunk_frames
+    if ring < 0:
+        raise ValueError(f"local_attn_size {local_attn_size} cannot hold sink {sink_size} + a chunk of "
+                         f"{chunk_frames} frames")
+    return sink_size, ring
 
 
 @jax.tree_util.register_dataclass

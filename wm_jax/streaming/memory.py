@@ -4,7 +4,7 @@ Parts of `MemoryEstimate` (bytes, batch 1):
 
     dit_weights     the DiT parameter leaves
     kv_cache        2 (K, V) · layers · buffer_tokens · heads · head_dim · itemsize
-                    (compute dtype); global caches (ring_frames 0) grow with --total_blocks
+                    (compute dtype); global caches (ring_frames 0) grow with the rollout's length
     cross_kv        the prompt's cross-attention K/V (text_len tokens per layer)
     vae_weights     decoder + I2V encoder parameters (a module shared by both counted once)
     vae_state       the decoder's and encoder's streaming caches
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from wm_jax.errors import TemplatedError
 from wm_jax.models.config import WanConfig
 from wm_jax.streaming.kv_cache import CacheLayout
 
@@ -42,8 +43,9 @@ PART_LABELS = {"dit_weights": "DiT weights", "kv_cache": "KV cache", "cross_kv":
                "activations": "activations", "other": "other device buffers"}
 
 
-class DeviceMemoryError(RuntimeError):
-    """The rollout does not fit in device memory; the message gives the parts and the flags that shrink them."""
+class DeviceMemoryError(TemplatedError, RuntimeError):
+    """The rollout does not fit in device memory; the message gives the parts and the options that shrink them
+    (as `{name}` placeholders, see wm_jax.errors)."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,13 @@ def compiled_temp_bytes(executable) -> int | None:
 
 def device_capacity(device=None) -> int | None:
     """Bytes a JAX device can allocate (`memory_stats()['bytes_limit']`); None where unknown (CPU)."""
-    stats = (device or jax.devices()[0]).memory_stats()
+    stats = (device or jax.local_devices()[0]).memory_stats()
     return stats.get("bytes_limit") if stats else None
 
 
 def device_bytes_in_use(device=None) -> int | None:
     """Bytes allocated on a JAX device now (`memory_stats()['bytes_in_use']`); None where unknown (CPU)."""
-    stats = (device or jax.devices()[0]).memory_stats()
+    stats = (device or jax.local_devices()[0]).memory_stats()
     return stats.get("bytes_in_use") if stats else None
 
 
@@ -164,7 +166,7 @@ def reduction_flags(size: RolloutSize, estimate: MemoryEstimate, capacity: int |
             window = WINDOW_RECIPES[size.slug]
             flags.append(f"wm-jax run {window} (sink+window cache: its size stays fixed however long the rollout)")
     if size.compute_dtype == "float32":
-        flags.append("--compute_dtype bfloat16 (now float32: halves the KV cache, shrinks the activations)")
+        flags.append("{compute_dtype} bfloat16 (now float32: halves the KV cache, shrinks the activations)")
     return flags
 
 
@@ -173,23 +175,23 @@ def _pixel_flag(size: RolloutSize, estimate: MemoryEstimate, capacity: int | Non
            "with the pixels")
     room = None if capacity is None else capacity - estimate.fixed_bytes
     if room is None or room >= estimate.pixel_bytes:
-        return f"smaller --pixel_height / --pixel_width ({now})"
+        return f"smaller {{pixel_height}} / {{pixel_width}} ({now})"
     scale = math.sqrt(room / estimate.pixel_bytes)
     height, width = (max(16, int(v * scale) // 16 * 16) for v in (size.pixel_height, size.pixel_width))
-    return f"--pixel_height {height} --pixel_width {width} or smaller ({now})"
+    return f"{{pixel_height}} {height} {{pixel_width}} {width} or smaller ({now})"
 
 
 def _blocks_flag(size: RolloutSize, estimate: MemoryEstimate, capacity: int | None) -> str:
     # the buffer is total_blocks·chunk + 1 frames (+ padding to whole pages)
     per_frame = estimate.kv_cache * size.layout.tokens_per_frame // size.layout.buffer_tokens
     per_block = per_frame * size.layout.chunk_frames
-    why = (f"now {size.total_blocks}; this recipe's cache keeps every frame, so it grows with --total_blocks: "
+    why = (f"now {size.total_blocks}; this recipe's cache keeps every frame, so it grows with {{total_blocks}}: "
            f"{per_block / GIB:.2f} GiB per block")
     room = None if capacity is None else capacity - (estimate.total - estimate.kv_cache) - per_frame
     fit = None if room is None else room // max(per_block, 1)
     if fit is None or not 1 <= fit < size.total_blocks:
-        return f"fewer --total_blocks ({why})"
-    return f"--total_blocks {fit} or fewer ({why})"
+        return f"fewer {{total_blocks}} ({why})"
+    return f"{{total_blocks}} {fit} or fewer ({why})"
 
 
 def memory_error(reason: str, estimate: MemoryEstimate, capacity: int | None, flags: list[str],

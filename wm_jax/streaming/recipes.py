@@ -10,7 +10,6 @@ import dataclasses
 import importlib
 from dataclasses import dataclass, field
 
-from wm_jax.streaming.kv_cache import CacheLayout
 from wm_jax.streaming.schedules import StepSchedule, lingbot_fast_schedule, self_forcing_schedule
 
 SLUGS = {
@@ -85,14 +84,16 @@ class Recipe:
             return lingbot_fast_schedule(self.shift, self.step_indices)
         raise ValueError(f"recipe {self.slug}: unknown schedule {self.schedule!r}")
 
-    def cache_layout(self, tokens_per_frame: int, total_frames: int) -> CacheLayout:
+    def cache_frames(self) -> tuple[int | None, int]:
+        """(sink frames, ring frames) of the KV cache in `CacheLayout` terms; sink None = keep every frame.
+
+        FlashDreams' window counts the current chunk, which the cache never stores."""
         if self.window_frames is None:
-            return CacheLayout(tokens_per_frame, sink_frames=total_frames, ring_frames=0,
-                               chunk_frames=self.chunk_frames)
+            return None, 0
         ring = self.window_frames - self.chunk_frames
         if ring < 0:
             raise ValueError(f"recipe {self.slug}: window {self.window_frames} is smaller than a chunk")
-        return CacheLayout(tokens_per_frame, self.sink_frames, ring, self.chunk_frames)
+        return self.sink_frames, ring
 
 
 def load_recipe(slug: str) -> Recipe:

@@ -3,11 +3,15 @@
 Outputs (FlashDreams' names): `<output_dir>/<slug>.mp4` (H.264, yuv420p, crf 18, at --fps) written
 chunk by chunk, and `<output_dir>/stats_<slug>.json` with one entry per AR step plus compile seconds,
 peak device memory, device kind and the resolved configuration. `--save_latents` adds
-`<output_dir>/latents_<slug>.npy` ([F, h, w, 16] clean latents).
+`<output_dir>/latents_<slug>.npy` ([F, h, w, C] clean latents).
+
+The run spans `num_devices` devices (default: all; every process's after `jax.distributed` is
+initialised): every process runs the same rollout and only process 0 writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,8 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from wm_jax.errors import OptionError
 from wm_jax.models import camera as cam
-from wm_jax.streaming.engine import WorldRollout, check_resolution, check_rope_limit
+from wm_jax.parallel.mesh import make_mesh
+from wm_jax.streaming.engine import WorldRollout
+from wm_jax.streaming.plan import RolloutPlan
 from wm_jax.streaming.recipes import Recipe, load_recipe
 
 SHIPPED_EXAMPLE = -1  # --example_idx value of the small example scene shipped in the repo
@@ -52,19 +59,26 @@ class RunOptions:
     camera_mode: str = "stream"  # "stream": fixed world scale; "clip": upstream's clip-wide max norm
     pose_mode: str = "strict"  # "strict": too few poses is an error; "hold": repeat the last pose
     compute_dtype: str = "auto"
+    num_devices: int | None = None
 
 
-def resolve(options: RunOptions) -> tuple[Recipe, dict]:
-    """The recipe with flag overrides applied, and the resolved settings (for the stats file)."""
+def resolve(options: RunOptions) -> tuple[Recipe, RolloutPlan, dict]:
+    """The recipe with the options applied, its validated rollout plan on the run's mesh (before any
+    weight is loaded), and the resolved settings (for the stats file)."""
+    from wm_jax.streaming.components import dit_config
+
     recipe = load_recipe(options.slug)
     overrides = {k: v for k, v in dict(pixel_height=options.pixel_height, pixel_width=options.pixel_width,
                                        total_blocks=options.total_blocks, fps=options.fps, seed=options.seed,
                                        prompt=options.prompt, shift=options.shift,
                                        world_scale=options.world_scale).items() if v is not None}
     recipe = recipe.replace(**overrides)
-    check_resolution(recipe.pixel_height, recipe.pixel_width)
-    check_rope_limit(recipe.total_blocks, recipe.chunk_frames)
-    return recipe, {k: v for k, v in dataclasses.asdict(recipe).items() if k != "weights"}
+    if recipe.fps <= 0:
+        raise OptionError("fps", f"{{fps}} {recipe.fps}: expected a positive frame rate")
+    model = dit_config(recipe, None if recipe.random_weights else options.checkpoint)
+    plan = RolloutPlan.for_recipe(recipe, model, make_mesh(options.num_devices))
+    resolved = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "weights"}
+    return recipe, plan, {**resolved, "plan": plan.describe()}
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -76,7 +90,7 @@ def prepare_output_dir(path: str) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ValueError(f"--output_dir {path}: not writable ({err.strerror or err})") from None
+        raise OptionError("output_dir", f"{{output_dir}} {path}: not writable ({err.strerror or err})") from None
     return out
 
 
@@ -101,7 +115,7 @@ def _scene(options: RunOptions, recipe: Recipe):
         image = _load_image(options.image)
     if options.poses or options.intrinsics:
         if not (options.poses and options.intrinsics):
-            raise ValueError("--poses and --intrinsics go together")
+            raise OptionError("poses", "{poses} and {intrinsics} go together")
         poses, intrinsics = trajectory.load_trajectory(options.poses, options.intrinsics)
     if options.prompt is not None:
         prompt = options.prompt
@@ -117,7 +131,7 @@ def _load_image(path: str) -> np.ndarray:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"--image {path}: cannot read it as an image ({err})") from None
+        raise OptionError("image", f"{{image}} {path}: cannot read it as an image ({err})") from None
 
 
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -128,77 +142,87 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def run(options: RunOptions) -> dict:
+    """Streams the world; returns the stats report (also written, by process 0, next to the video)."""
     from wm_jax.io import trajectory
     from wm_jax.io.video import Mp4Writer
     from wm_jax.streaming.components import build_random, load_components
 
-    recipe, resolved = resolve(options)
-    out_dir = prepare_output_dir(options.output_dir)
+    recipe, plan, resolved = resolve(options)
+    writer_process = jax.process_index() == 0
+    out_dir = prepare_output_dir(options.output_dir) if writer_process else Path(options.output_dir)
     compute_dtype = _compute_dtype(options.compute_dtype)
     image, poses, intrinsics, prompt = _scene(options, recipe)
-    chunk = recipe.chunk_frames
-    latent_frames = recipe.total_blocks * chunk
     camera = None
     if recipe.task == "i2v_camera":
-        poses = trajectory.poses_for_frames(poses, 4 * (latent_frames - 1) + 1, options.pose_mode)
-        scale = (cam.clip_world_scale(poses, latent_frames) if options.camera_mode == "clip"
+        poses = trajectory.poses_for_frames(poses, plan.pixel_frames, options.pose_mode)
+        scale = (cam.clip_world_scale(poses, plan.latent_frames) if options.camera_mode == "clip"
                  else recipe.world_scale)
-        camera = cam.StreamingCamera(intrinsics[0], recipe.pixel_height, recipe.pixel_width, scale)
+        camera = cam.StreamingCamera(intrinsics[0], plan.pixel_height, plan.pixel_width, scale)
         resolved["world_scale_used"] = scale
 
     start = time.perf_counter()
     if recipe.random_weights:
-        parts = build_random(recipe, recipe.seed, compute_dtype)
+        parts = build_random(recipe, plan, recipe.seed, compute_dtype)
     else:
         if not options.checkpoint:
-            raise ValueError(f"recipe {recipe.slug} needs weights: --checkpoint DIR (converted components, "
-                             "downloaded and converted there if missing)")
-        parts = load_components(recipe, options.checkpoint, compute_dtype=compute_dtype,
+            raise OptionError("checkpoint", f"recipe {recipe.slug} needs weights: {{checkpoint}} DIR (converted "
+                              "components, downloaded and converted there if missing)")
+        parts = load_components(recipe, plan, options.checkpoint, compute_dtype=compute_dtype,
                                 dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
     load_s = time.perf_counter() - start
     text_features = parts.encode_prompt(prompt)
     parts.encode_prompt = None  # frees the text encoder (umT5-XXL: ~11 GB in bf16) before the rollout allocates
-    rollout = WorldRollout(recipe, parts.dit, parts.decoder, pixel_height=recipe.pixel_height,
-                           pixel_width=recipe.pixel_width, total_blocks=recipe.total_blocks, seed=recipe.seed,
-                           vae_encoder=parts.vae_encoder)
+    rollout = WorldRollout(recipe, plan, parts.dit, parts.decoder, seed=recipe.seed, vae_encoder=parts.vae_encoder)
     rollout.start(text_features, image=image, camera=camera)
 
     video_path = out_dir / f"{recipe.slug}.mp4"
     latents = []
     from tqdm import tqdm
 
-    with Mp4Writer(video_path, fps=recipe.fps) as writer:
-        for index in tqdm(range(recipe.total_blocks), desc=recipe.slug, unit="chunk", disable=None):
-            latent_poses = poses[cam.latent_pose_frames(index, chunk)] if camera is not None else None
+    writer = Mp4Writer(video_path, fps=recipe.fps) if writer_process else contextlib.nullcontext()
+    with writer:
+        for index in tqdm(range(plan.total_blocks), desc=recipe.slug, unit="chunk", disable=None or not writer_process):
+            latent_poses = poses[cam.latent_pose_frames(index, plan.chunk_frames)] if camera is not None else None
             frames, stats = rollout.next_chunk(latent_poses)
-            writer.append(frames)
+            if writer_process:
+                writer.append(frames)
             if options.save_latents:
                 latents.append(rollout.last_latents)
             logging.info("step %d: denoise %.1f ms, commit %.1f ms, decode %.1f ms, encode %.1f ms, %d frames",
                          index, stats.denoise_ms, stats.commit_ms, stats.decode_ms, stats.encode_ms,
                          stats.num_frames)
-    if options.save_latents:
-        np.save(out_dir / f"latents_{recipe.slug}.npy", np.concatenate(latents, axis=0))
-    device = jax.devices()[0]
-    memory = device.memory_stats() or {}
+    devices = plan.mesh.devices.flat
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in local]
     report = {
         "slug": recipe.slug,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device_kind": device.device_kind,
-        "platform": device.platform,
+        "device_kind": local[0].device_kind,
+        "platform": local[0].platform,
+        "num_devices": plan.num_devices,
+        "num_processes": jax.process_count(),
         "jax": jax.__version__,
         "compute_dtype": jnp.dtype(compute_dtype).name,
         "load_seconds": load_s,
         "compile_seconds": rollout.compile_seconds,
-        "peak_device_memory_gib": memory.get("peak_bytes_in_use", 0) / 2**30 if memory else None,
+        "peak_device_memory_gib": max(peaks) / 2**30 if all(p is not None for p in peaks) else None,
         "video": str(video_path),
         "num_frames": int(sum(s.num_frames for s in rollout.state.history)),
         "steps": [s.to_dict() for s in rollout.state.history],
         "config": {**resolved, "components": parts.description, "prompt": prompt,
                    "camera_mode": options.camera_mode if camera is not None else None},
     }
-    stats_path = out_dir / f"stats_{recipe.slug}.json"
-    tmp = stats_path.with_name(f".{stats_path.name}.partial")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.rename(stats_path)
+    if writer_process:
+        if options.save_latents:
+            _write_atomic(out_dir / f"latents_{recipe.slug}.npy", lambda f: np.save(f, np.concatenate(latents, axis=0)))
+        _write_atomic(out_dir / f"stats_{recipe.slug}.json", lambda f: f.write((json.dumps(report, indent=2) + "\n")
+                                                                              .encode()))
     return report
+
+
+def _write_atomic(path: Path, write) -> None:
+    """`write(binary file)` into a temporary name beside `path`, renamed into place when complete."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.rename(path)

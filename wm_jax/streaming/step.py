@@ -5,10 +5,15 @@
                   x ← (1 − σ^next_i) · x0 + σ^next_i · ε_{i+1}        (fresh noise; skipped after the last)
     emit x0;  commit: net(x0, t = 0) writes the chunk's clean K/V into the cache
 
-`StreamingStep` compiles exactly two programs per (model, schedule, cache layout, resolution): `denoise`
-(all k passes, one `lax.scan`) and `commit` (cache donated, updated in place). The chunk index never
-changes a shape: the RoPE offset and the valid cache length are traced values, so the growth phase
-and the steady state share both programs.
+`StreamingStep` compiles exactly two programs per (model, schedule, plan): `denoise` (all k passes, one
+`lax.scan`) and `commit` (cache donated, updated in place). The chunk index never changes a shape: the
+RoPE offset and the valid cache length are traced values, so the growth phase and the steady state
+share both programs.
+
+Both run under `shard_map` over the plan's mesh: weights, latents, noise and conditioning are
+whole on every device (the sharding table's choice for Ulysses), the KV cache holds each device's
+heads, and inside the model each device carries its share of the tokens (`wm_jax.parallel.ulysses`).
+On one device the same program runs with a mesh of one.
 
 Noise is an input, `[k, B, F, H, W, C]` (ε₀, then one re-noise draw per later pass): `chunk_noise`
 derives it from one global key per (chunk, pass), and recorded upstream noise replays the same way.
@@ -20,10 +25,15 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from wm_jax.models.wan import WanModel
-from wm_jax.streaming.kv_cache import CacheLayout, KVCache, commit
+from wm_jax.parallel.mesh import put_replicated, replicated
+from wm_jax.parallel.sharding import CROSS_KV_AXES, KV_CACHE_AXES, param_shardings
+from wm_jax.streaming.kv_cache import KVCache, commit
+from wm_jax.streaming.plan import RolloutPlan
 from wm_jax.streaming.schedules import StepSchedule
 
 Array = jax.Array
@@ -54,26 +64,57 @@ jax.tree_util.register_dataclass(ChunkInputs, data_fields=["y", "camera"], meta_
 
 
 class StreamingStep:
-    """Jitted denoise / commit programs for one model, schedule and cache layout."""
+    """Jitted denoise / commit programs for one model, schedule and rollout plan.
 
-    def __init__(self, model: WanModel, schedule: StepSchedule, layout: CacheLayout):
-        self.graphdef, self.params = nnx.split(model)
+    `params` are placed on the plan's mesh with the sharding table's shardings when the step is built
+    (a no-op when they already are, e.g. restored or created there).
+    """
+
+    def __init__(self, model: WanModel, schedule: StepSchedule, plan: RolloutPlan):
+        self.graphdef, params = nnx.split(model)
         self.schedule = schedule
-        self.layout = layout
+        self.plan = plan
+        self.layout = plan.cache
         self.config = model.config
         self.compute_dtype = model.compute_dtype
-        self._cross_kv = jax.jit(self._compute_cross_kv)
-        self.denoise = jax.jit(self._denoise)
-        self.commit = jax.jit(self._commit, donate_argnums=(1,))
+        mesh, rules = plan.mesh, plan.rules
+        self.param_shardings = param_shardings(params, rules, mesh)
+        self.params = _place(params, self.param_shardings)
+        self.cache_sharding = KVCache(k=rules.sharding(mesh, KV_CACHE_AXES), v=rules.sharding(mesh, KV_CACHE_AXES),
+                                      committed_frames=replicated(mesh))
+        self.cross_kv_sharding = rules.sharding(mesh, CROSS_KV_AXES)
+        whole = replicated(mesh)
+        specs = lambda shardings: jax.tree_util.tree_map(lambda s: s.spec, shardings)
+        in_specs = (specs(self.param_shardings), specs(self.cache_sharding), self.cross_kv_sharding.spec,
+                    PartitionSpec(), PartitionSpec())
+        denoise = jax.shard_map(self._denoise, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(),
+                                check_vma=False)
+        commit_ = jax.shard_map(self._commit, mesh=mesh, in_specs=in_specs, out_specs=specs(self.cache_sharding),
+                                check_vma=False)
+        self.denoise = jax.jit(denoise, out_shardings=whole)
+        self.commit = jax.jit(commit_, donate_argnums=(1,), out_shardings=self.cache_sharding)
+        self._cross_kv = jax.jit(self._compute_cross_kv, out_shardings=self.cross_kv_sharding)
+        self.replicated = whole
 
-    def init_cache(self, batch: int, dtype=None) -> KVCache:
-        cfg = self.config
+    def init_cache(self, dtype=None) -> KVCache:
+        """An empty cache, created directly in its sharding (each device allocates only its heads; the
+        heads padded to a multiple of the device count)."""
+        cfg, plan = self.config, self.plan
         dtype = dtype or self.compute_dtype
-        return KVCache.zeros(self.layout, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, dtype)
+        zeros = lambda: KVCache.zeros(plan.cache, cfg.num_layers, plan.batch, plan.shards.padded_heads, cfg.head_dim,
+                                      dtype)
+        return jax.jit(zeros, out_shardings=self.cache_sharding)()
 
-    def cross_kv(self, text: Array, image_tokens: Array | None = None) -> dict[str, Array]:
+    def cross_kv(self, text: np.ndarray | Array, image_tokens: np.ndarray | Array | None = None) -> dict[str, Array]:
         """Cross-attention K/V for a prompt (once per prompt): text [B, Lc, text_dim] real tokens."""
+        text, image_tokens = self.whole((text, image_tokens))
         return self._cross_kv(self.params, text, image_tokens)
+
+    def whole(self, tree):
+        """Host or device values -> replicated on the plan's mesh (inputs of denoise / commit)."""
+        return jax.tree_util.tree_map(
+            lambda x: x if isinstance(x, jax.Array) and x.sharding == self.replicated else put_replicated(x, self.plan.mesh),
+            tree)
 
     def _compute_cross_kv(self, params, text, image_tokens):
         model = nnx.merge(self.graphdef, params)
@@ -86,7 +127,7 @@ class StreamingStep:
         b, f = x.shape[:2]
         return model.forward_with_cross_kv(
             x, jnp.broadcast_to(t, (b, f)), cross_kv, camera=inputs.camera,
-            frame_offset=cache.committed_frames, cache=cache.attention_view(self.layout))
+            frame_offset=cache.committed_frames, cache=cache.attention_view(self.layout), shards=self.plan.shards)
 
     def _denoise(self, params, cache: KVCache, cross_kv, noise: Array, inputs: ChunkInputs) -> Array:
         """noise [k, B, F, H, W, C] -> clean chunk x0 [B, F, H, W, C] (float32). The cache is only read."""
@@ -104,6 +145,16 @@ class StreamingStep:
         return x0s[-1]
 
     def _commit(self, params, cache: KVCache, cross_kv, x0: Array, inputs: ChunkInputs) -> KVCache:
-        """Runs the clean chunk at t = 0 and writes its K/V into the cache (donated)."""
+        """Runs the clean chunk at t = 0 and writes its K/V (this device's heads) into the cache (donated)."""
         _, (k, v) = self._forward(params, x0, jnp.zeros((), jnp.float32), cross_kv, inputs, cache)
         return commit(cache, self.layout, k, v)
+
+
+def _place(tree, shardings):
+    """Puts every leaf in its sharding unless it is there already (restored / created sharded)."""
+    def put(x, sharding: NamedSharding):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        return jax.device_put(x, sharding)
+
+    return jax.tree_util.tree_map(put, tree, shardings)

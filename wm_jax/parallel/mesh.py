@@ -1,0 +1,102 @@
+"""The device mesh of a run: one axis, `sp`, over which tokens and attention heads are split (Ulysses).
+
+`make_mesh(num_devices)` takes the first `num_devices` of `jax.devices()` (every process's devices
+after `initialize_distributed`, so a multi-host run spans hosts) and checks the count against the
+heads before anything is loaded. Host values enter the mesh with `put_replicated` and leave it with
+`to_host`; both work when the mesh spans processes (no array is fully addressable there).
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from wm_jax.errors import OptionError
+
+SEQUENCE_AXIS = "sp"
+
+
+class MeshError(OptionError):
+    """The requested device layout cannot be built (`option` names the setting at fault)."""
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh ("sp",) over the first `num_devices` devices (default: all of them, every process's)."""
+    devices = jax.devices()
+    if num_devices is None:
+        num_devices = len(devices)
+    if num_devices <= 0:
+        raise MeshError("num_devices", f"{{num_devices}} {num_devices}: expected at least 1")
+    if num_devices > len(devices):
+        kinds = sorted({d.device_kind for d in devices})
+        raise MeshError("num_devices", f"{{num_devices}} {num_devices} requested, but {len(devices)} {jax.default_backend()} "
+                        f"device(s) are present ({', '.join(kinds)}: ids {[d.id for d in devices]})")
+    if jax.process_count() > 1 and num_devices != len(devices):
+        raise MeshError("num_devices", f"{{num_devices}} {num_devices}: a multi-process run uses every device of every process "
+                        f"({len(devices)})")
+    return Mesh(np.asarray(devices[:num_devices]), (SEQUENCE_AXIS,))
+
+
+def unpadded_device_counts(num_heads: int, available: int) -> list[int]:
+    """Device counts up to `available` that split `num_heads` evenly (no padded heads in Ulysses)."""
+    return [n for n in range(1, available + 1) if num_heads % n == 0]
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host (numpy) or device values -> arrays replicated on every device of `mesh`. With several
+    processes each one fills its own devices from its copy (the copies must be identical)."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def local_replica(x: jax.Array) -> jax.Array:
+    """This process's first copy of a replicated array (a single-device array: readable on the host)."""
+    return x.addressable_data(0) if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 else x
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A replicated (or single-device) array as numpy, read from this process's first replica."""
+    return np.asarray(local_replica(x))
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int,
+                           timeout_s: int = 60) -> None:
+    """`jax.distributed.initialize` with a bounded wait: a coordinator that cannot be reached within
+    `timeout_s` raises MeshError instead of hanging. Call before any other JAX work."""
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise MeshError("process_id", f"{{process_id}} {process_id} with {{num_processes}} {num_processes}: "
+                        "expected 0 <= process_id < num_processes")
+    if _cpu_requested():  # (asking jax for its backend here would initialise it too early)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s)
+    except Exception as err:  # noqa: BLE001 - jax raises several error types for an unreachable coordinator
+        raise MeshError("coordinator_address", f"{{coordinator_address}} {coordinator_address}: process {process_id} of {num_processes} "
+                        f"could not join within {datetime.timedelta(seconds=timeout_s)} ({_first_line(err)})") from err
+
+
+def _cpu_requested() -> bool:
+    import os
+
+    return os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu"
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

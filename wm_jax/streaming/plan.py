@@ -1,0 +1,170 @@
+"""The rollout plan: every shape of a streaming run, derived and validated once, then passed down.
+
+    pixels  [T_px, H, W, 3]        T_px = 1 + 4·(T − 1) for T latent frames (VAE temporal stride 4)
+    latents [T, H/8, W/8, C]       C = the DiT's out_dim (16 Wan 2.1, 48 Wan 2.2 TI2V)
+    tokens  S = (H/16)·(W/16) per latent frame (patch 1x2x2); a chunk is F frames = F·S tokens
+    devices S padded per frame to a multiple of the device count P; S_pad / P tokens per device
+
+The engine, the streaming step, the parity runners and the benchmarks take a `RolloutPlan` and read
+these numbers from it; none of them recomputes a shape. Validation errors are `OptionError`s naming the
+option at fault (the CLI spells them as flags).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from absl import logging
+from jax.sharding import Mesh
+
+from wm_jax.errors import OptionError
+from wm_jax.models.config import PATCH_SIZE, WanConfig
+from wm_jax.models.embeddings import ROPE_MAX_POSITIONS
+from wm_jax.models.wan_vae import VAE_STRIDE
+from wm_jax.parallel.mesh import unpadded_device_counts
+from wm_jax.parallel.sharding import ShardingRules
+from wm_jax.parallel.ulysses import SequenceShards
+from wm_jax.streaming.kv_cache import CacheLayout
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    """Frozen geometry of one rollout on one mesh (see the module docstring).
+
+    Attributes:
+      pixel_height, pixel_width: video size.
+      latent_height, latent_width, latent_channels: one latent frame [h, w, C] (C = DiT out_dim).
+      condition_channels: channels concatenated after the noise (I2V: mask 4 + image latent 16), else 0.
+      chunk_frames: latent frames per chunk (AR step); total_blocks: chunks in the rollout.
+      cache: the KV-cache layout (sink + ring, tokens per frame).
+      mesh, rules: devices and the sharding table; shards: the Ulysses token split (static).
+      batch: worlds generated together.
+    """
+
+    pixel_height: int
+    pixel_width: int
+    latent_height: int
+    latent_width: int
+    latent_channels: int
+    condition_channels: int
+    chunk_frames: int
+    total_blocks: int
+    cache: CacheLayout
+    mesh: Mesh
+    rules: ShardingRules
+    shards: SequenceShards
+    batch: int = 1
+    vae_stride: tuple[int, int, int] = VAE_STRIDE
+
+    @classmethod
+    def create(cls, model: WanConfig, mesh: Mesh, *, pixel_height: int, pixel_width: int, chunk_frames: int,
+               total_blocks: int, sink_frames: int | None, ring_frames: int, rules: ShardingRules | None = None,
+               batch: int = 1, vae_stride: tuple[int, int, int] = VAE_STRIDE) -> RolloutPlan:
+        """Validates the options and derives every shape.
+
+        sink_frames None keeps every frame of the rollout (a global cache: sink = all latent frames,
+        no ring); else `sink_frames` first frames plus a ring of the `ring_frames` most recent ones.
+        """
+        rules = rules or ShardingRules()
+        check_resolution(pixel_height, pixel_width, vae_stride)
+        if total_blocks <= 0:
+            raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks}: expected at least 1 chunk")
+        latent_frames = total_blocks * chunk_frames
+        if latent_frames > ROPE_MAX_POSITIONS:
+            raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks} needs {latent_frames} latent frames, "
+                              f"past the RoPE position limit of {ROPE_MAX_POSITIONS} (absolute frame index <= "
+                              f"{ROPE_MAX_POSITIONS - 1}); use {{total_blocks}} "
+                              f"{ROPE_MAX_POSITIONS // chunk_frames} or fewer")
+        num_devices = mesh.shape[rules.tokens] if rules.tokens else 1
+        if rules.context_heads is not None and model.num_heads % num_devices:
+            raise OptionError("num_devices", f"{{num_devices}} {num_devices}: head-sharded cross-attention K/V need "
+                              f"a device count that divides the {model.num_heads} heads: "
+                              f"{unpadded_device_counts(model.num_heads, len(mesh.devices.flat))}")
+        if model.num_heads % num_devices:
+            logging.warning("%d devices do not divide the model's %d heads: padded to %d (%.0f %% of the attention "
+                            "work is padding); device counts without padding here: %s", num_devices,
+                            model.num_heads, -(-model.num_heads // num_devices) * num_devices,
+                            100 * (1 - model.num_heads / (-(-model.num_heads // num_devices) * num_devices)),
+                            unpadded_device_counts(model.num_heads, len(mesh.devices.flat)))
+        latent_h, latent_w = pixel_height // vae_stride[1], pixel_width // vae_stride[2]
+        tokens_per_frame = (latent_h // PATCH_SIZE[1]) * (latent_w // PATCH_SIZE[2])
+        if sink_frames is None:
+            sink_frames, ring_frames = latent_frames, 0
+        cache = CacheLayout(tokens_per_frame, sink_frames, ring_frames, chunk_frames)
+        shards = SequenceShards(rules.tokens, num_devices, tokens_per_frame, model.num_heads,
+                                context_heads_sharded=rules.context_heads is not None)
+        return cls(pixel_height, pixel_width, latent_h, latent_w, model.out_dim, model.in_dim - model.out_dim,
+                   chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride)
+
+    @classmethod
+    def for_recipe(cls, recipe, model: WanConfig, mesh: Mesh, rules: ShardingRules | None = None) -> RolloutPlan:
+        """The plan of a `Recipe` (its options already applied) for `model` on `mesh`."""
+        sink_frames, ring_frames = recipe.cache_frames()
+        return cls.create(model, mesh, pixel_height=recipe.pixel_height, pixel_width=recipe.pixel_width,
+                          chunk_frames=recipe.chunk_frames, total_blocks=recipe.total_blocks,
+                          sink_frames=sink_frames, ring_frames=ring_frames, rules=rules)
+
+    # -- derived sizes ---------------------------------------------------------------------------------
+
+    @property
+    def num_devices(self) -> int:
+        return self.shards.num_shards
+
+    @property
+    def latent_frames(self) -> int:
+        return self.total_blocks * self.chunk_frames
+
+    @property
+    def pixel_frames(self) -> int:
+        """Video frames of the whole rollout: 1 + 4·(T − 1)."""
+        return 1 + self.vae_stride[0] * (self.latent_frames - 1)
+
+    def chunk_pixel_frames(self, chunk_index: int) -> int:
+        """Video frames a chunk decodes to: 1 + 4·(F − 1) for the first chunk, 4·F after."""
+        return self.vae_stride[0] * self.chunk_frames - (self.vae_stride[0] - 1 if chunk_index == 0 else 0)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.cache.tokens_per_frame
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.chunk_frames * self.tokens_per_frame
+
+    @property
+    def chunk_tokens_per_device(self) -> int:
+        """Tokens each device carries outside self-attention (padding included)."""
+        return self.chunk_frames * self.shards.tokens_per_shard
+
+    @property
+    def chunk_shape(self) -> tuple[int, int, int, int, int]:
+        """Noise / clean latents of one chunk: [B, F, h, w, C]."""
+        return (self.batch, self.chunk_frames, self.latent_height, self.latent_width, self.latent_channels)
+
+    @property
+    def condition_shape(self) -> tuple[int, int, int, int, int]:
+        """I2V conditioning of one chunk: [B, F, h, w, condition_channels]."""
+        return (self.batch, self.chunk_frames, self.latent_height, self.latent_width, self.condition_channels)
+
+    def describe(self) -> dict:
+        """The plan as plain data (for stats files and benchmark JSON)."""
+        return {"pixel": [self.pixel_height, self.pixel_width], "latent": [self.latent_height, self.latent_width,
+                                                                          self.latent_channels],
+                "chunk_frames": self.chunk_frames, "total_blocks": self.total_blocks,
+                "tokens_per_frame": self.tokens_per_frame, "chunk_tokens": self.chunk_tokens,
+                "num_devices": self.num_devices, "padded_tokens_per_frame": self.shards.padded_tokens_per_frame,
+                "chunk_tokens_per_device": self.chunk_tokens_per_device,
+                "cache": {"sink_frames": self.cache.sink_frames, "ring_frames": self.cache.ring_frames,
+                          "buffer_tokens": self.cache.buffer_tokens}}
+
+
+def check_resolution(height: int, width: int, vae_stride: tuple[int, int, int] = VAE_STRIDE) -> None:
+    """Raises OptionError with the nearest valid sizes unless both are positive multiples of VAE stride x patch."""
+    multiple = vae_stride[1] * PATCH_SIZE[1]
+    for name, value in (("pixel_height", height), ("pixel_width", width)):
+        if value <= 0 or value % multiple:
+            lower = max(multiple, value // multiple * multiple)
+            upper = max(multiple, (value // multiple + 1) * multiple)
+            sizes = f"{lower}" if lower == upper else f"{lower} or {upper}"
+            raise OptionError(name, f"{{{name}}} {value}: the video size must be a positive multiple of {multiple} "
+                              f"(VAE stride {vae_stride[1]} x patch {PATCH_SIZE[1]}); use {sizes}")
