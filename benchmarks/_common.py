@@ -96,6 +96,16 @@ def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 
 
+def single_chunk_plan(cfg, height: int, width: int, *, chunk_frames: int = 3, total_blocks: int = 1):
+    """The rollout plan (one device, global cache of `total_blocks` chunks) that sizes a benchmark's
+    chunk, cache buffer and tokens: benchmarks read shapes from it and never derive them."""
+    from wm_jax.parallel.mesh import make_mesh
+    from wm_jax.streaming.plan import RolloutPlan
+
+    return RolloutPlan.create(cfg, make_mesh(1), pixel_height=height, pixel_width=width, chunk_frames=chunk_frames,
+                              total_blocks=total_blocks, sink_frames=None, ring_frames=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Random weights made on the device, one parameter at a time, in each parameter's own dtype.
 # ---------------------------------------------------------------------------------------------------

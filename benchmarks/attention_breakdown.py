@@ -1,7 +1,7 @@
 """Where a denoise pass spends its time: chunk-vs-cache self-attention variants against the whole forward.
 
 One pass of the Self-Forcing 1.3B DiT at 480x832 (L = 4680 chunk tokens) against a fixed cache buffer of
-`--buffer_frames` latent frames, `--context_frames` of them valid. Times, each the median of repeated calls
+the global cache buffer of `--total_blocks` chunks, `--context_frames` of them valid. Times, each the median of repeated calls
 with the device synchronised:
 
     forward            one full model forward of the chunk against the cache (what each denoise pass runs)
@@ -33,11 +33,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _common import fill_random_params, format_table, run_metadata, time_calls, write_json  # noqa: E402
+from _common import (fill_random_params, format_table, run_metadata, single_chunk_plan, time_calls,  # noqa: E402
+                     write_json)
 from wm_jax.kernels.attention import attention, attention_with_cache  # noqa: E402
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
-from wm_jax.streaming.kv_cache import CacheLayout  # noqa: E402
 
 
 def torch_sdpa_ms(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, layers: int, iters: int):
@@ -70,21 +70,22 @@ def torch_sdpa_ms(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, laye
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context_frames", default="6,12,15,18", help="comma list of valid cached latent frames")
-    p.add_argument("--buffer_frames", type=int, default=22, help="cache buffer (7 blocks global: 21 + 1)")
+    p.add_argument("--total_blocks", type=int, default=7, help="cache buffer of a global cache over this many chunks")
     p.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke test")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     cfg = preset("self-forcing-1.3b").replace(param_dtype="bfloat16")
-    lat_h, lat_w = 60, 104
+    height, width = 480, 832
     if args.small:
         cfg = cfg.replace(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
-        lat_h, lat_w = 8, 12
+        height, width = 64, 96
+    plan = single_chunk_plan(cfg, height, width, total_blocks=args.total_blocks)
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    tpf = (lat_h // 2) * (lat_w // 2)
-    L, layers, heads, hd = 3 * tpf, cfg.num_layers, cfg.num_heads, cfg.head_dim
-    buffer_tokens = CacheLayout(tpf, sink_frames=args.buffer_frames - 1, ring_frames=0).buffer_tokens
+    tpf = plan.tokens_per_frame
+    L, layers, heads, hd = plan.chunk_tokens, cfg.num_layers, cfg.num_heads, cfg.head_dim
+    buffer_tokens = plan.cache.buffer_tokens
     keys = iter(jax.random.split(jax.random.key(0), 16))
     rand = lambda shape: jax.random.normal(next(keys), shape, dtype)
     q, k, v = rand((1, L, heads, hd)), rand((1, L, heads, hd)), rand((1, L, heads, hd))
@@ -95,11 +96,11 @@ def main(argv=None):
     graphdef, params = nnx.split(model)
     cross_kv = jax.jit(lambda p, c: nnx.merge(graphdef, p).cross_kv(nnx.merge(graphdef, p).embed_text(c)))(
         params, rand((1, 32, cfg.text_dim)))
-    x = rand((1, 3, lat_h, lat_w, 16))
+    x = rand(plan.chunk_shape)
 
     def model_forward(params, x, cache_k, cache_v, valid):
         model = nnx.merge(graphdef, params)
-        return model.forward_with_cross_kv(x, jnp.full((1, 3), 500.0), cross_kv, frame_offset=valid // tpf,
+        return model.forward_with_cross_kv(x, jnp.full(plan.chunk_shape[:2], 500.0), cross_kv, frame_offset=valid // tpf,
                                            cache=(cache_k, cache_v, valid))[0]
 
     forward = jax.jit(model_forward)
@@ -170,7 +171,7 @@ def main(argv=None):
     print(format_table(["context frames", "what", "ms", "attn TF/s"], rows))
     if args.json:
         write_json(args.json, {**run_metadata(), "benchmark": "attention_breakdown", "chunk_tokens": L,
-                               "buffer_frames": args.buffer_frames, **results})
+                               "total_blocks": args.total_blocks, **results})
 
 
 if __name__ == "__main__":

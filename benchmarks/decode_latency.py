@@ -11,7 +11,7 @@ Variants (`--variants`, comma list; default all):
   taehv_jax            wm_jax TAEHV, `taehv.decode_chunk` under one `jax.jit` with the parameters as
                        arguments and the decoder state donated (the fastest way to call it)
   taehv_jax_api        `taehv.decode_chunk(module, z, state)` called as is (its internal `nnx.jit`, no donation)
-  taehv_jax_engine     `wm_jax.streaming.engine.taehv_decoder(module).step` (what `wm-jax run` calls:
+  taehv_jax_engine     `wm_jax.streaming.decoders.taehv_decoder(module).step` (what `wm-jax run` calls:
                        `jax.jit` over a closure, parameters baked in as constants, state donated)
   wan_vae_jax          wm_jax Wan 2.1 VAE, `wan_vae.jit_decode_chunk(vae, donate_cache=True)`
   taehv_torch          upstream TAEHV (`--torch_taehv_py`): its `decoder` nn.Sequential run chunk-parallel
@@ -202,7 +202,7 @@ def run_taehv_jax_api(ctx: Ctx) -> dict:
 
 
 def run_taehv_jax_engine(ctx: Ctx) -> dict:
-    from wm_jax.streaming.engine import taehv_decoder
+    from wm_jax.streaming.decoders import taehv_decoder
 
     module = build_taehv_jax(ctx)
     decoder = taehv_decoder(module)

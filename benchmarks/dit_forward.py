@@ -22,7 +22,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import single_chunk_plan  # noqa: E402
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
 
@@ -59,12 +61,11 @@ def main():
     args = parser.parse_args()
 
     cfg = preset(args.preset).replace(param_dtype="bfloat16")
-    lat_h, lat_w = args.height // 8, args.width // 8
-    tokens = args.frames * (lat_h // 2) * (lat_w // 2)
+    plan = single_chunk_plan(cfg, args.height, args.width, chunk_frames=args.frames)
+    tokens = plan.chunk_tokens
     key = jax.random.key(0)
-    x = jax.random.normal(key, (1, args.frames, lat_h, lat_w, 16), jnp.bfloat16)
-    y = (jax.random.normal(key, (1, args.frames, lat_h, lat_w, cfg.in_dim - 16), jnp.bfloat16)
-         if cfg.in_dim > 16 else None)
+    x = jax.random.normal(key, plan.chunk_shape, jnp.bfloat16)
+    y = jax.random.normal(key, plan.condition_shape, jnp.bfloat16) if plan.condition_channels else None
     context = jax.random.normal(key, (1, 64, cfg.text_dim), jnp.bfloat16) * 0.1
     t = jnp.array([750.0])
 

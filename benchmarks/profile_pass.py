@@ -1,7 +1,7 @@
 """Kernel-level profile of one denoise pass: where the GPU time of a chunk-vs-cache forward goes.
 
 Traces `--passes` forwards of the Self-Forcing 1.3B DiT (480x832 chunk, `--context_frames` valid cached
-frames in a `--buffer_frames` buffer) with `jax.profiler` (Perfetto trace, no TensorBoard needed) and
+frames in the global cache buffer of `--total_blocks` chunks) with `jax.profiler` (Perfetto trace, no TensorBoard needed) and
 sums the device time of every GPU kernel per category:
 
     attention   cuDNN fused attention (self and cross)
@@ -30,24 +30,22 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from _common import (fill_random_params, format_table, gpu_kernel_events, kernel_category,  # noqa: E402
-                     run_metadata, write_json)
+                     run_metadata, single_chunk_plan, write_json)
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
-from wm_jax.streaming.kv_cache import CacheLayout  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--context_frames", type=int, default=15, help="valid cached latent frames (6th chunk: 15)")
-    p.add_argument("--buffer_frames", type=int, default=22, help="cache buffer (7 blocks global: 21 + 1)")
+    p.add_argument("--total_blocks", type=int, default=7, help="cache buffer of a global cache over this many chunks")
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
     cfg = preset("self-forcing-1.3b").replace(param_dtype="bfloat16")
-    lat_h, lat_w, dtype = 60, 104, jnp.bfloat16
-    tpf = (lat_h // 2) * (lat_w // 2)
-    buffer_tokens = CacheLayout(tpf, sink_frames=args.buffer_frames - 1, ring_frames=0).buffer_tokens
+    plan, dtype = single_chunk_plan(cfg, 480, 832, total_blocks=args.total_blocks), jnp.bfloat16
+    tpf, buffer_tokens = plan.tokens_per_frame, plan.cache.buffer_tokens
     shape = (cfg.num_layers, 1, buffer_tokens, cfg.num_heads, cfg.head_dim)
     keys = iter(jax.random.split(jax.random.key(0), 8))
     cache_k, cache_v = (jax.random.normal(next(keys), shape, dtype) for _ in range(2))
@@ -56,13 +54,13 @@ def main(argv=None):
     graphdef, params = nnx.split(model)
     text = jax.random.normal(next(keys), (1, 32, cfg.text_dim), dtype)
     cross_kv = jax.jit(lambda p, c: (lambda m: m.cross_kv(m.embed_text(c)))(nnx.merge(graphdef, p)))(params, text)
-    x = jax.random.normal(next(keys), (1, 3, lat_h, lat_w, 16), dtype)
+    x = jax.random.normal(next(keys), plan.chunk_shape, dtype)
     valid = jnp.asarray(args.context_frames * tpf, jnp.int32)
 
     @jax.jit
     def forward(params, x, cache_k, cache_v, valid):
         model = nnx.merge(graphdef, params)
-        return model.forward_with_cross_kv(x, jnp.full((1, 3), 500.0), cross_kv, frame_offset=valid // tpf,
+        return model.forward_with_cross_kv(x, jnp.full(plan.chunk_shape[:2], 500.0), cross_kv, frame_offset=valid // tpf,
                                            cache=(cache_k, cache_v, valid))[0]
 
     run = lambda: forward(params, x, cache_k, cache_v, valid)
@@ -90,7 +88,7 @@ def main(argv=None):
                         for n, ms in per_name.most_common(args.top)]))
     if args.json:
         write_json(args.json, {**run_metadata(), "benchmark": "profile_pass", "context_frames": args.context_frames,
-                               "buffer_frames": args.buffer_frames, "ms_per_pass_by_category": dict(per_category),
+                               "total_blocks": args.total_blocks, "ms_per_pass_by_category": dict(per_category),
                                "kernels": [{"name": n, "category": kernel_category(n), "calls_per_pass": calls[n] / args.passes,
                                             "ms_per_pass": ms} for n, ms in per_name.most_common()]})
 

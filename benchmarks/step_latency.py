@@ -28,14 +28,23 @@ L = 3·(H/16)·(W/16) tokens against V valid cached tokens, D = dim, F = ffn_dim
 denoise FLOPs = k forwards, commit = 1 forward (both at the chunk's V); utilisation = FLOPs / time /
 `--peak_tflops` (bf16 dense; 989 = H100 SXM datasheet; the H100 here measured ~800 on a large GEMM).
 
+With `--num_devices N` the step runs Ulysses over N devices (the engine's `RolloutPlan` and sharding
+table); the weights are drawn directly in their sharding, memory is reported per device, and on GPUs
+the 6th chunk's denoise is also traced once (`jax.profiler`, untimed) for the kernel time per category
+on GPU 0, the all_to_all collectives included. Utilisation is against N x `--peak_tflops`.
+
 GPU runs (exact commands; nothing to carry besides the repo):
 
     # Self-Forcing 1.3B, 480x832, 7 blocks, TAEHV and Wan VAE decoders (H100)
     python benchmarks/step_latency.py --json $OUT/step_sf.json
     # LingBot-World Fast (14B + camera, 464x832, 1 GPU: 37 GB weights + 27 GB cache: use nvidia-h200)
     python benchmarks/step_latency.py --slug lingbot-world-fast --json $OUT/step_lingbot.json
+    # 1 and 2 GPUs (nvidia-h200-x2), as in README
+    python benchmarks/step_latency.py --total_blocks 7 --decoder taehv --slug lingbot-world-fast --num_devices 2 \
+        --json $OUT/step_lingbot_2gpu.json
 
 CPU smoke test: `JAX_PLATFORMS=cpu python benchmarks/step_latency.py --small [--slug lingbot-world-fast]`
+(add `XLA_FLAGS=--xla_force_host_platform_device_count=2` and `--num_devices 2` for the mesh)
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # grow on demand: 14B + cache needs > 75 %
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -59,12 +69,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from _common import (block, device_memory, fill_random_params, format_table, gpu_kernel_events,  # noqa: E402
-                     kernel_time_by_category, run_metadata, tree_bytes, write_json)
+                     kernel_category, kernel_time_by_category, run_metadata, tree_bytes, write_json)
 from wm_jax.io.video import frames_to_uint8  # noqa: E402
 from wm_jax.models.config import WanConfig, preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
-from wm_jax.parallel.mesh import local_replica, make_mesh, put_replicated  # noqa: E402
-from wm_jax.parallel.sharding import flat_param_shardings  # noqa: E402
+from wm_jax.parallel.mesh import SEQUENCE_AXIS, local_replica, make_mesh, put_replicated  # noqa: E402
+from wm_jax.parallel.sharding import ShardingRules, flat_param_shardings  # noqa: E402
 from wm_jax.streaming.decoders import on_mesh  # noqa: E402
 from wm_jax.streaming.plan import RolloutPlan  # noqa: E402
 from wm_jax.streaming.recipes import load_recipe  # noqa: E402
@@ -74,7 +84,7 @@ REFERENCE = {
     "self-forcing-wan2.1-t2v-1.3b": "FlashDreams H100: 344 ms denoise (4 passes, 6th chunk), 74 ms commit; "
                                     "floor from FLOPs ~ 190 ms",
     "lingbot-world-fast": "FlashDreams H100, 4 GPUs Ulysses: 629 ms DiT (4 steps, 6th chunk), 783 ms total; "
-                          "this script runs 1 GPU",
+                          "--num_devices sets this run's GPUs",
 }
 VALUE_RANGES = {"taehv": (0.0, 1.0), "wan_vae": (-1.0, 1.0)}  # decoders' pixel ranges (engine.Decoder)
 SMALL_MODEL = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
@@ -157,6 +167,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_devices", type=int, default=1,
                    help="devices of the Ulysses mesh (tokens and heads split over them); weights replicated")
+    p.add_argument("--context_heads", choices=["replicated", "sharded"], default="replicated",
+                   help="cross-attention K/V: whole on every device (no exchange) or head-sharded (two more "
+                        "all_to_alls per layer, 1/P of their memory); the sharding table's context_heads")
     p.add_argument("--profile_chunk", type=int, default=None,
                    help="trace this chunk's denoise (all passes) with jax.profiler: GPU kernel ms per category on "
                         "device 0, incl. the all_to_all collectives (default: the 6th chunk on GPUs, none on CPU)")
@@ -197,8 +210,9 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     cfg = model_config(recipe, args)
     mesh = make_mesh(args.num_devices)
+    rules = ShardingRules(context_heads=SEQUENCE_AXIS if args.context_heads == "sharded" else None)
     plan = RolloutPlan.for_recipe(recipe.replace(pixel_height=args.height, pixel_width=args.width,
-                                                 total_blocks=args.total_blocks), cfg, mesh)
+                                                 total_blocks=args.total_blocks), cfg, mesh, rules)
     lat_h, lat_w, chunk, tpf, chunk_tokens = (plan.latent_height, plan.latent_width, plan.chunk_frames,
                                               plan.tokens_per_frame, plan.chunk_tokens)
     layout = plan.cache
@@ -319,8 +333,8 @@ def main(argv=None):
                    "denoise_flops": den_flops, "commit_flops": com_flops,
                    "denoise_tflops_per_s": den_flops / (den_ms * 1e-3) / 1e12,
                    "commit_tflops_per_s": com_flops / (com_ms * 1e-3) / 1e12}
-            rec["denoise_mfu"] = rec["denoise_tflops_per_s"] / args.peak_tflops
-            rec["commit_mfu"] = rec["commit_tflops_per_s"] / args.peak_tflops
+            rec["denoise_mfu"] = rec["denoise_tflops_per_s"] / (args.peak_tflops * plan.num_devices)
+            rec["commit_mfu"] = rec["commit_tflops_per_s"] / (args.peak_tflops * plan.num_devices)
             rec["total_ms"] = {n: encode_ms + den_ms + com_ms + v for n, v in decode_ms.items()} or \
                 {"no_decoder": encode_ms + den_ms + com_ms}
             chunks.append(rec)
@@ -349,15 +363,17 @@ def main(argv=None):
     summary["chunk6_commit_ms"] = med([c["commit_ms"] for c in sixth])
     ref_chunk = sixth[0] if sixth else (chunks[-1] if chunks else None)
     if ref_chunk:
-        summary["floor_denoise_ms_at_peak"] = ref_chunk["denoise_flops"] / (args.peak_tflops * 1e12) * 1e3
-        summary["floor_commit_ms_at_peak"] = ref_chunk["commit_flops"] / (args.peak_tflops * 1e12) * 1e3
+        peak_flops_per_s = args.peak_tflops * 1e12 * plan.num_devices
+        summary["floor_denoise_ms_at_peak"] = ref_chunk["denoise_flops"] / peak_flops_per_s * 1e3
+        summary["floor_commit_ms_at_peak"] = ref_chunk["commit_flops"] / peak_flops_per_s * 1e3
         summary["floor_chunk_index"] = ref_chunk["autoregressive_index"]
     memory = device_memory()
     memory_per_device = [device_memory(d) for d in mesh.devices.flat]
     report = {**meta, "benchmark": "step_latency", "slug": args.slug, "height": args.height, "width": args.width,
               "total_blocks": args.total_blocks, "rollouts": args.rollouts, "warmup_chunks": args.warmup_chunks,
               "dtype": args.dtype, "attention": args.attention, "decoders": args.decoders, "small": args.small,
-              "num_devices": plan.num_devices, "plan": plan.describe(), "profile": profile,
+              "num_devices": plan.num_devices, "context_heads": args.context_heads, "plan": plan.describe(),
+              "profile": profile,
               "memory_per_device": memory_per_device,
               "model_config": cfg.to_dict(), "num_params": n_params, "weight_bytes": weight_bytes,
               "kv_cache_bytes": cache_bytes,
@@ -417,10 +433,15 @@ def profile_denoise(call, passes: int) -> dict:
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             block(call())
-        per_pass = kernel_time_by_category(gpu_kernel_events(trace_dir, device=0), repeats=passes)
+        events = gpu_kernel_events(trace_dir, device=0)
+    per_pass = kernel_time_by_category(events, repeats=passes)
+    per_kernel = collections.Counter()
+    for e in events:
+        per_kernel[e["name"]] += e["dur"] / 1e3 / passes
     total = sum(per_pass.values())
     return {"ms_per_pass": per_pass, "kernel_ms_per_pass": total,
-            "collective_share": per_pass.get("collective", 0.0) / total if total else 0.0}
+            "collective_share": per_pass.get("collective", 0.0) / total if total else 0.0,
+            "top_kernels_ms_per_pass": [[name[:120], kernel_category(name), ms] for name, ms in per_kernel.most_common(25)]}
 
 
 if __name__ == "__main__":

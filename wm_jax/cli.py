@@ -177,11 +177,18 @@ def _define_device_flags():
 
 def _join_processes():
     """Initialises jax.distributed when the multi-host flags are given (before any other JAX work)."""
-    given = [FLAGS.coordinator_address is not None, FLAGS.num_processes is not None, FLAGS.process_id is not None]
-    if not any(given):
+    names = ("coordinator_address", "num_processes", "process_id")
+    missing = [f"--{name}" for name in names if getattr(FLAGS, name) is None]
+    if len(missing) == len(names):
         return
-    if not all(given):
-        raise UsageError("--coordinator_address, --num_processes and --process_id go together (multi-host)")
+    if missing:
+        raise UsageError("--coordinator_address, --num_processes and --process_id go together (multi-host): "
+                         f"missing {', '.join(missing)}")
+    host, _, port = FLAGS.coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--coordinator_address {FLAGS.coordinator_address}: expected HOST:PORT (process 0's host)")
+    if FLAGS.coordinator_timeout <= 0:
+        raise UsageError(f"--coordinator_timeout {FLAGS.coordinator_timeout}: expected a positive number of seconds")
     from wm_jax.parallel.mesh import initialize_distributed
 
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

@@ -76,25 +76,90 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int,
                            timeout_s: int = 60) -> None:
-    """`jax.distributed.initialize` with a bounded wait: a coordinator that cannot be reached within
-    `timeout_s` raises MeshError instead of hanging. Call before any other JAX work."""
+    """`jax.distributed.initialize` with a bounded wait: a coordinator that cannot be reached, or processes
+    that do not all join, within `timeout_s` (up to about twice that: jax's registration RPC adds its own
+    deadline) raise MeshError instead of hanging or aborting. Call before any other JAX work.
+
+    jax's distributed-runtime client ends the whole process (a C++ fatal error, SIGABRT, exit 134) when
+    joining fails, because jax creates it without an error callback; while jax initialises, the client
+    is created here with one, so the failure comes back as a Python exception. (Where jax's internals
+    differ from jax 0.10's, jax's own client is used.) On CPU the cross-process collectives are gloo's
+    (jax 0.10's default; set explicitly for older versions, whose default has none).
+    """
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise MeshError("process_id", f"{{process_id}} {process_id} with {{num_processes}} {num_processes}: "
                         "expected 0 <= process_id < num_processes")
     if _cpu_requested():  # (asking jax for its backend here would initialise it too early)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    joined = False
+
+    def on_error(status) -> None:
+        # After the join, jax's default applies: a coordination error (another process died) ends this
+        # process instead of leaving it waiting in a collective. (jaxlib 0.10 cannot even convert the
+        # status for this callback: the call fails inside the client, whose caller raises instead.)
+        if joined:
+            import os
+            import sys
+
+            sys.stderr.write(f"wm-jax: error: the distributed run failed (process {process_id} of {num_processes}, "
+                             f"coordinator {coordinator_address}): {status}\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    try:
+        from jax._src import distributed as jax_distributed
+
+        runtime = jax_distributed._jax
+        make_client = runtime.get_distributed_runtime_client
+        takes_callback = "missed_heartbeat_callback" in (make_client.__doc__ or "")
+    except (ImportError, AttributeError):
+        takes_callback = False
+
+    if takes_callback:
+        class _Runtime:  # jaxlib's module as jax.distributed sees it, but the client gets `on_error`
+            def __getattr__(self, name):
+                return getattr(runtime, name)
+
+            @staticmethod
+            def get_distributed_runtime_client(*args, **kwargs):
+                kwargs.setdefault("missed_heartbeat_callback", on_error)
+                return make_client(*args, **kwargs)
+
+        jax_distributed._jax = _Runtime()
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout_s)
     except Exception as err:  # noqa: BLE001 - jax raises several error types for an unreachable coordinator
-        raise MeshError("coordinator_address", f"{{coordinator_address}} {coordinator_address}: process {process_id} of {num_processes} "
-                        f"could not join within {datetime.timedelta(seconds=timeout_s)} ({_first_line(err)})") from err
+        # take down what jax set up before failing (process 0's coordinator service, the failed client), so
+        # that jax's exit hook does not try again and print a second traceback
+        state = getattr(jax_distributed, "global_state", None) if takes_callback else None
+        for part in ("preemption_sync_manager", "client", "service"):
+            if getattr(state, part, None) is not None:
+                try:
+                    getattr(state, part).shutdown()
+                except Exception:  # noqa: BLE001 - an agent in error state reports it again on shutdown
+                    pass
+                setattr(state, part, None)
+        detail = _first_line(err)
+        if "bad_cast" in detail:  # the callback's conversion failure (see on_error): says nothing more
+            detail = "the wait timed out"
+        who = ("the other processes did not all connect to this coordinator" if process_id == 0 else
+               "no coordinator answered there, or not every process joined")
+        raise MeshError("coordinator_address", f"{{coordinator_address}} {coordinator_address}: process {process_id} "
+                        f"of {num_processes} could not join within {datetime.timedelta(seconds=timeout_s)}: {who} "
+                        f"({detail}); start all {num_processes} processes ({{num_processes}}) with this address, "
+                        "or raise {coordinator_timeout}") from err
+    finally:
+        if takes_callback:
+            jax_distributed._jax = runtime
+    joined = True
 
 
 def _cpu_requested() -> bool:
+    """JAX_PLATFORMS asks for the CPU backend first (read from the environment: the backend is not up yet)."""
     import os
 
-    return os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu"
+    return os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower() == "cpu"
 
 
 def _first_line(err: Exception) -> str:

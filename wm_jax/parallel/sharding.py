@@ -68,9 +68,12 @@ class ShardingRules:
         return NamedSharding(mesh, self.spec(logical))
 
 
-# Logical axes of the streaming state (see wm_jax.streaming.kv_cache / step).
+# Logical axes of the streaming state (see wm_jax.streaming.kv_cache / step). Latents, noise and
+# conditioning enter the step whole (their token split happens inside the model, per frame: `tokens`).
 KV_CACHE_AXES: Logical = ("layers", "batch", "cache_tokens", "heads", None)  # [layers, B, T, N, d]
 CROSS_KV_AXES: Logical = ("layers", "batch", None, "context_heads", None)  # [layers, B, Lc, N, d]
+LATENT_AXES: Logical = ("batch", None, None, None, None)  # latents, conditioning [B, F, h, w, C]
+NOISE_AXES: Logical = (None, "batch", None, None, None, None)  # chunk noise [k, B, F, h, w, C]
 
 # Wan DiT parameters (flat nnx paths of wm_jax.models.wan.WanModel) -> logical axes, first match wins.
 PARAM_AXES: tuple[tuple[str, Logical], ...] = (

@@ -19,6 +19,7 @@ from flax import nnx
 from wm_jax.io.safetensors_io import CheckpointError
 from wm_jax.models.config import WanConfig, preset
 from wm_jax.models.wan import WanModel
+from wm_jax.models.wan_vae import VAE_STRIDE
 from wm_jax.parallel.sharding import create_sharded, flat_param_shardings, param_shardings, replicated_shardings
 from wm_jax.streaming.decoders import Decoder, on_mesh, taehv_decoder, wan_vae_decoder
 from wm_jax.streaming.plan import RolloutPlan
@@ -101,7 +102,8 @@ def check_compatible(recipe: Recipe, dit: WanConfig, text_dim: int, checkpoint_d
     """Raises CheckpointError when the converted DiT cannot serve the recipe (wrong task inputs, no
     camera layers for a camera recipe, or a text width other than the text encoder's)."""
     where = f"{{checkpoint}} {checkpoint_dir}: {checkpoint_dir / 'dit'}"
-    inputs = 16 + 20 if recipe.task == "i2v_camera" else 16  # noise (+ mask 4 + image latent 16)
+    latent = dit.out_dim  # noise, then for I2V the mask (one channel per frame of a VAE time step) + image latent
+    inputs = latent + VAE_STRIDE[0] + latent if recipe.task == "i2v_camera" else latent
     if dit.in_dim != inputs:
         raise CheckpointError(f"{where} takes {dit.in_dim} input channels; recipe {recipe.slug} ({recipe.task}) "
                               f"feeds {inputs}. Wrong {{hub_repo}} or checkpoint for this recipe?")

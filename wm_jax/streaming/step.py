@@ -10,9 +10,10 @@
 RoPE offset and the valid cache length are traced values, so the growth phase and the steady state
 share both programs.
 
-Both run under `shard_map` over the plan's mesh: weights, latents, noise and conditioning are
-whole on every device (the sharding table's choice for Ulysses), the KV cache holds each device's
-heads, and inside the model each device carries its share of the tokens (`wm_jax.parallel.ulysses`).
+Both run under `shard_map` over the plan's mesh with every operand in the sharding table's placement
+(`wm_jax.parallel.sharding`): for Ulysses, weights, latents, noise and conditioning are whole on every
+device, the KV cache holds each device's heads, and inside the model each device carries its share of
+the tokens (`wm_jax.parallel.ulysses`).
 On one device the same program runs with a mesh of one.
 
 Noise is an input, `[k, B, F, H, W, C]` (ε₀, then one re-noise draw per later pass): `chunk_noise`
@@ -27,11 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from wm_jax.models.wan import WanModel
 from wm_jax.parallel.mesh import put_replicated, replicated
-from wm_jax.parallel.sharding import CROSS_KV_AXES, KV_CACHE_AXES, param_shardings
+from wm_jax.parallel.sharding import CROSS_KV_AXES, KV_CACHE_AXES, LATENT_AXES, NOISE_AXES, param_shardings
 from wm_jax.streaming.kv_cache import KVCache, commit
 from wm_jax.streaming.plan import RolloutPlan
 from wm_jax.streaming.schedules import StepSchedule
@@ -83,18 +84,18 @@ class StreamingStep:
         self.cache_sharding = KVCache(k=rules.sharding(mesh, KV_CACHE_AXES), v=rules.sharding(mesh, KV_CACHE_AXES),
                                       committed_frames=replicated(mesh))
         self.cross_kv_sharding = rules.sharding(mesh, CROSS_KV_AXES)
-        whole = replicated(mesh)
+        self.latent_sharding = rules.sharding(mesh, LATENT_AXES)
+        self.noise_sharding = rules.sharding(mesh, NOISE_AXES)
         specs = lambda shardings: jax.tree_util.tree_map(lambda s: s.spec, shardings)
-        in_specs = (specs(self.param_shardings), specs(self.cache_sharding), self.cross_kv_sharding.spec,
-                    PartitionSpec(), PartitionSpec())
-        denoise = jax.shard_map(self._denoise, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec(),
-                                check_vma=False)
-        commit_ = jax.shard_map(self._commit, mesh=mesh, in_specs=in_specs, out_specs=specs(self.cache_sharding),
-                                check_vma=False)
-        self.denoise = jax.jit(denoise, out_shardings=whole)
+        in_specs = (specs(self.param_shardings), specs(self.cache_sharding), self.cross_kv_sharding.spec)
+        denoise = jax.shard_map(self._denoise, mesh=mesh, out_specs=self.latent_sharding.spec, check_vma=False,
+                                in_specs=(*in_specs, self.noise_sharding.spec, self.latent_sharding.spec))
+        commit_ = jax.shard_map(self._commit, mesh=mesh, out_specs=specs(self.cache_sharding), check_vma=False,
+                                in_specs=(*in_specs, self.latent_sharding.spec, self.latent_sharding.spec))
+        self.denoise = jax.jit(denoise, out_shardings=self.latent_sharding)
         self.commit = jax.jit(commit_, donate_argnums=(1,), out_shardings=self.cache_sharding)
         self._cross_kv = jax.jit(self._compute_cross_kv, out_shardings=self.cross_kv_sharding)
-        self.replicated = whole
+        self.replicated = replicated(mesh)
 
     def init_cache(self, dtype=None) -> KVCache:
         """An empty cache, created directly in its sharding (each device allocates only its heads; the
