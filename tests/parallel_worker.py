@@ -275,9 +275,10 @@ def _stream(case: dict, model, num_devices: int, rules=None, *, mesh=None, read_
     if not read_cache:  # (a cache spread over several processes cannot be read by one)
         return x0s, None, info
     # the cache holds the padded heads; the real ones are the first num_heads on every device count
-    k = np.asarray(cache.k)[:, :, :, : cfg.num_heads]
-    v = np.asarray(cache.v)[:, :, :, : cfg.num_heads]
-    return x0s, (k, v), info
+    k, v = np.asarray(cache.k), np.asarray(cache.v)
+    info["padded_heads_max_abs"] = float(max(np.abs(k[:, :, :, cfg.num_heads:]).max(initial=0.0),
+                                             np.abs(v[:, :, :, cfg.num_heads:]).max(initial=0.0)))
+    return x0s, (k[:, :, :, : cfg.num_heads], v[:, :, :, : cfg.num_heads]), info
 
 
 def _option_error(fn) -> dict | None:

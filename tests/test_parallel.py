@@ -97,6 +97,7 @@ def test_padding_is_exercised(streamed):
     lingbot, self_forcing = report["cases"]["lingbot_fast"], report["cases"]["self_forcing"]
     assert lingbot["4"]["tokens_per_frame"] == 6 and lingbot["4"]["padded_tokens_per_frame"] == 8
     assert lingbot["4"]["padded_heads"] == 4 and lingbot["2"]["padded_heads"] == 2
+    assert lingbot["4"]["padded_heads_max_abs"] == 0.0, "the padded (zero) heads wrote into the cache"
     assert lingbot["2"]["padded_tokens_per_frame"] == 6
     for n in ("1", "2", "4"):
         assert self_forcing[n]["padded_tokens_per_frame"] == self_forcing[n]["tokens_per_frame"] == 8

@@ -101,7 +101,7 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
             import os
             import sys
 
-            sys.stderr.write(f"wm-jax: error: the distributed run failed (process {process_id} of {num_processes}, "
+            sys.stderr.write(f"error: the distributed run failed (process {process_id} of {num_processes}, "
                              f"coordinator {coordinator_address}): {status}\n")
             sys.stderr.flush()
             os._exit(1)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wm_jax.errors import OptionError
 from wm_jax.io.video import frames_to_uint8
 from wm_jax.models import camera as cam
 from wm_jax.models.wan import WanModel
@@ -107,7 +108,8 @@ class WorldRollout:
         plan = self.plan
         if self.recipe.task == "i2v_camera":
             if image is None:
-                raise ValueError(f"recipe {self.recipe.slug} needs a conditioning image")
+                raise OptionError("image", f"recipe {self.recipe.slug} needs a conditioning image ({{image}} or "
+                                  "{example_data})")
             if image.shape[:2] != (plan.pixel_height, plan.pixel_width):
                 raise ValueError(f"image is {image.shape[:2]}, expected {(plan.pixel_height, plan.pixel_width)} "
                                  "(resize before starting)")
@@ -240,7 +242,7 @@ class WorldRollout:
         size = memory.RolloutSize(self.recipe.slug, plan.pixel_height, plan.pixel_width, plan.total_blocks,
                                   plan.cache, jnp.dtype(self.step.compute_dtype).name)
         return memory.memory_error(reason, self.memory, capacity, memory.reduction_flags(size, self.memory, capacity),
-                                   jax.devices()[0].device_kind, cause)
+                                   jax.local_devices()[0].device_kind, cause)
 
     @contextlib.contextmanager
     def _explain_oom(self, phase: str):
