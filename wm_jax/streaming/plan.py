@@ -80,12 +80,6 @@ class RolloutPlan:
             raise OptionError("num_devices", f"{{num_devices}} {num_devices}: head-sharded cross-attention K/V need "
                               f"a device count that divides the {model.num_heads} heads: "
                               f"{unpadded_device_counts(model.num_heads, len(mesh.devices.flat))}")
-        if model.num_heads % num_devices:
-            logging.warning("%d devices do not divide the model's %d heads: padded to %d (%.0f %% of the attention "
-                            "work is padding); device counts without padding here: %s", num_devices,
-                            model.num_heads, -(-model.num_heads // num_devices) * num_devices,
-                            100 * (1 - model.num_heads / (-(-model.num_heads // num_devices) * num_devices)),
-                            unpadded_device_counts(model.num_heads, len(mesh.devices.flat)))
         latent_h, latent_w = pixel_height // vae_stride[1], pixel_width // vae_stride[2]
         tokens_per_frame = (latent_h // PATCH_SIZE[1]) * (latent_w // PATCH_SIZE[2])
         if sink_frames is None:
@@ -93,6 +87,11 @@ class RolloutPlan:
         cache = CacheLayout(tokens_per_frame, sink_frames, ring_frames, chunk_frames)
         shards = SequenceShards(rules.tokens, num_devices, tokens_per_frame, model.num_heads,
                                 context_heads_sharded=rules.context_heads is not None)
+        if shards.padded_heads != model.num_heads:
+            logging.warning("%d devices do not divide the model's %d heads: padded to %d (%.0f %% of the attention "
+                            "work is padding); device counts without padding here: %s", num_devices,
+                            model.num_heads, shards.padded_heads, 100 * (1 - model.num_heads / shards.padded_heads),
+                            unpadded_device_counts(model.num_heads, len(mesh.devices.flat)))
         return cls(pixel_height, pixel_width, latent_h, latent_w, model.out_dim, model.in_dim - model.out_dim,
                    chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride)
 

@@ -181,7 +181,7 @@ def run(options: RunOptions) -> dict:
 
     writer = Mp4Writer(video_path, fps=recipe.fps) if writer_process else contextlib.nullcontext()
     with writer:
-        for index in tqdm(range(plan.total_blocks), desc=recipe.slug, unit="chunk", disable=None or not writer_process):
+        for index in tqdm(range(plan.total_blocks), desc=recipe.slug, unit="chunk", disable=None if writer_process else True):
             latent_poses = poses[cam.latent_pose_frames(index, plan.chunk_frames)] if camera is not None else None
             frames, stats = rollout.next_chunk(latent_poses)
             if writer_process:
