@@ -69,7 +69,7 @@ def test_cli_run_tiny_writes_video_and_stats(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(pixel_height=70), "pixel_height 70: .* multiple of 16 .*use 64 or 80"),
-    (dict(total_blocks=400), "RoPE position limit.*total_blocks 341"),
+    (dict(total_blocks=2_000_000), "past the 4194304 RoPE positions.*total_blocks 1398101"),
 ])
 def test_bad_run_options(changes, message):
     with pytest.raises(ValueError, match=message):

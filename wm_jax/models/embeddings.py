@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_MAX_POSITIONS = 1024  # upstream table rows per axis: absolute latent frame index <= 1023
+ROPE_MAX_POSITIONS = 1024  # upstream's table rows per axis: the trained positions (latent frames 0..1023)
+ROPE_COARSE_ROWS = 4096  # temporal positions past the table: f = 1024·a + b for a < 4096 (4.2M latent frames)
+ROPE_POSITION_LIMIT = ROPE_MAX_POSITIONS * ROPE_COARSE_ROWS
 ROPE_THETA = 10000.0
 TIME_THETA = 10000.0
 
@@ -79,18 +81,47 @@ def rope_axis_pairs(head_dim: int) -> tuple[int, int, int]:
     return pairs - 2 * (pairs // 3), pairs // 3, pairs // 3
 
 
+def _rope_inv_freq(pairs: int) -> np.ndarray:
+    """θ_k = 10000^(−2k/2m), k < m, float64: an axis with 2m rotated dims has its own base."""
+    return 1.0 / ROPE_THETA ** (np.arange(pairs, dtype=np.float64) * 2 / (2 * pairs))
+
+
+def _cos_sin(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of float64 angles (libm reduces any argument in float64), cast to float32."""
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def rope_tables(head_dim: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """Per axis (t, h, w): (cos, sin) tables [1024, pairs_axis] float32, computed in float64.
+    """Per axis (t, h, w): (cos, sin) tables [1024, pairs_axis] float32, computed in float64 (upstream's)."""
+    return tuple(_cos_sin(np.outer(np.arange(ROPE_MAX_POSITIONS, dtype=np.float64), _rope_inv_freq(pairs)))
+                 for pairs in rope_axis_pairs(head_dim))
 
-    Axis with 2m rotated dims uses θ_k = 10000^(−2k/2m), k < m (its own base per axis).
+
+@functools.lru_cache(maxsize=None)
+def rope_coarse_table(head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Temporal (cos, sin) of the angles a·1024·θ_k, a < ROPE_COARSE_ROWS: [4096, pairs_t] float32 (float64
+    angles). Row 0 is exactly (1, 0)."""
+    pairs = rope_axis_pairs(head_dim)[0]
+    rows = np.arange(ROPE_COARSE_ROWS, dtype=np.float64) * ROPE_MAX_POSITIONS
+    return _cos_sin(np.outer(rows, _rope_inv_freq(pairs)))
+
+
+def temporal_rope(head_dim: int, frame_index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of the temporal RoPE angles f·θ_k for absolute latent frames `frame_index` (int, traced ok).
+
+    Upstream's table covers f < 1024. Past it the positions continue with upstream's formula: f = 1024·a + b,
+    and the angle sum a·1024·θ + b·θ is formed from two float64-computed tables by the angle-addition
+    formulas in float32 (a few float32 ulps from the float64 value). For f < 1024 (a = 0: cos 1, sin 0)
+    the result is upstream's table entry, bit for bit.
+    Returns: cos, sin each `frame_index.shape + (pairs_t,)` float32.
     """
-    tables = []
-    for pairs in rope_axis_pairs(head_dim):
-        inv_freq = 1.0 / ROPE_THETA ** (np.arange(pairs, dtype=np.float64) * 2 / (2 * pairs))
-        angles = np.outer(np.arange(ROPE_MAX_POSITIONS, dtype=np.float64), inv_freq)
-        tables.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
-    return tuple(tables)
+    (ct, st), _, _ = rope_tables(head_dim)
+    coarse_cos, coarse_sin = rope_coarse_table(head_dim)
+    a, b = jnp.divmod(jnp.asarray(frame_index, jnp.int32), ROPE_MAX_POSITIONS)
+    fine_cos, fine_sin = jnp.asarray(ct)[b], jnp.asarray(st)[b]
+    big_cos, big_sin = jnp.asarray(coarse_cos)[a], jnp.asarray(coarse_sin)[a]
+    return big_cos * fine_cos - big_sin * fine_sin, big_sin * fine_cos + big_cos * fine_sin
 
 
 def rope_for_grid(head_dim: int, frames: int, height: int, width: int,
@@ -98,12 +129,13 @@ def rope_for_grid(head_dim: int, frames: int, height: int, width: int,
     """cos, sin for every token of an (F, h, w) patch grid, tokens in (f, i, j) row-major order.
 
     Args:
-      frame_offset: absolute latent index of the grid's first frame (causal chunks); may be traced.
+      frame_offset: absolute latent index of the grid's first frame (causal chunks); may be traced; any
+        value below ROPE_POSITION_LIMIT (see `temporal_rope` for positions past upstream's 1024).
     Returns:
       (cos, sin), each [F·h·w, head_dim/2] float32; pair k of a token uses column k.
     """
-    (ct, st), (ch, sh), (cw, sw) = rope_tables(head_dim)
-    f_idx = jnp.arange(frames) + frame_offset
+    _, (ch, sh), (cw, sw) = rope_tables(head_dim)
+    cos_t, sin_t = temporal_rope(head_dim, jnp.arange(frames) + frame_offset)
     pt, ph, pw = rope_axis_pairs(head_dim)
 
     def grid(t_part, h_part, w_part):
@@ -112,8 +144,8 @@ def rope_for_grid(head_dim: int, frames: int, height: int, width: int,
         w_part = jnp.broadcast_to(w_part[None, None, :, :], (frames, height, width, pw))
         return jnp.concatenate([t_part, h_part, w_part], axis=-1).reshape(frames * height * width, -1)
 
-    cos = grid(jnp.asarray(ct)[f_idx], jnp.asarray(ch)[:height], jnp.asarray(cw)[:width])
-    sin = grid(jnp.asarray(st)[f_idx], jnp.asarray(sh)[:height], jnp.asarray(sw)[:width])
+    cos = grid(cos_t, jnp.asarray(ch)[:height], jnp.asarray(cw)[:width])
+    sin = grid(sin_t, jnp.asarray(sh)[:height], jnp.asarray(sw)[:width])
     return cos, sin
 
 

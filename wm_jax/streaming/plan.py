@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from wm_jax.errors import OptionError
 from wm_jax.models.config import PATCH_SIZE, WanConfig
-from wm_jax.models.embeddings import ROPE_MAX_POSITIONS
+from wm_jax.models.embeddings import ROPE_MAX_POSITIONS, ROPE_POSITION_LIMIT
 from wm_jax.models.wan_vae import VAE_STRIDE
 from wm_jax.parallel.mesh import unpadded_device_counts
 from wm_jax.parallel.sharding import ShardingRules
@@ -70,11 +70,14 @@ class RolloutPlan:
         if total_blocks <= 0:
             raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks}: expected at least 1 chunk")
         latent_frames = total_blocks * chunk_frames
-        if latent_frames > ROPE_MAX_POSITIONS:
+        if latent_frames > ROPE_POSITION_LIMIT:
             raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks} needs {latent_frames} latent frames, "
-                              f"past the RoPE position limit of {ROPE_MAX_POSITIONS} (absolute frame index <= "
-                              f"{ROPE_MAX_POSITIONS - 1}); use {{total_blocks}} "
-                              f"{ROPE_MAX_POSITIONS // chunk_frames} or fewer")
+                              f"past the {ROPE_POSITION_LIMIT} RoPE positions wm_jax computes; use {{total_blocks}} "
+                              f"{ROPE_POSITION_LIMIT // chunk_frames} or fewer")
+        if latent_frames > ROPE_MAX_POSITIONS:
+            logging.warning("latent frames %d..%d lie past the %d RoPE positions the models were trained with; "
+                            "their positions continue upstream's formula", ROPE_MAX_POSITIONS, latent_frames - 1,
+                            ROPE_MAX_POSITIONS)
         num_devices = mesh.shape[rules.tokens] if rules.tokens else 1
         if rules.context_heads is not None and model.num_heads % num_devices:
             raise OptionError("num_devices", f"{{num_devices}} {num_devices}: head-sharded cross-attention K/V need "
