@@ -375,3 +375,19 @@ def test_dit_that_cannot_serve_the_recipe_is_refused(slug, changes, message, tmp
     check_compatible(recipe, good, good.text_dim, tmp_path)
     with pytest.raises(CheckpointError, match=message):
         check_compatible(recipe, good.replace(**changes), 64, tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_heads=2), r"attention heads 2 where the rollout plan has 4"),
+    (dict(in_dim=16, camera_channels=None), r"condition channels 0 where the rollout plan has 20"),
+    (dict(in_dim=100, out_dim=48), r"latent channels 48 where the rollout plan has 16; condition channels 52 where "
+                                   r"the rollout plan has 20"),
+])
+def test_dit_other_than_the_plan_is_refused(changes, message, tmp_path):
+    from wm_jax.streaming.components import check_plan
+
+    recipe = RECIPES[LINGBOT]
+    good, plan = model_config(recipe), plan_of(recipe)
+    check_plan(plan, good, tmp_path / "dit")
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'dit'}: the converted DiT has {message} \(the plan"):
+        check_plan(plan, good.replace(**changes), tmp_path / "dit")

@@ -213,7 +213,8 @@ def read_manifest(folder: str | os.PathLike, kind: str | None = None) -> dict[st
 
 def restore_params(folder: str | os.PathLike, spec: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                    shardings: Mapping[str, jax.sharding.Sharding] | None = None) -> dict[str, jax.Array]:
-    """Restores `folder/params` into arrays shaped/typed as `spec` (optionally sharded per path)."""
+    """Restores `folder/params` into arrays shaped/typed as `spec` (sharded per path, else on this process's
+    first device)."""
     import orbax.checkpoint as ocp
 
     root = Path(folder).absolute() / "params"
@@ -224,7 +225,7 @@ def restore_params(folder: str | os.PathLike, spec: Mapping[str, tuple[tuple[int
     missing = sorted(set(spec) - set(index))
     if missing:
         raise CheckpointError(f"{folder}: checkpoint lacks parameters {missing[:10]} that the model needs")
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(name):
         shape, dtype = spec[name]

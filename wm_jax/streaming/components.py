@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -126,11 +127,29 @@ def dit_config(recipe: Recipe, checkpoint_dir: str | Path | None) -> WanConfig:
     return model_config(recipe)
 
 
+def check_plan(plan: RolloutPlan, dit: WanConfig, folder: Path) -> None:
+    """Raises CheckpointError when the converted DiT in `folder` has other heads or channels than the rollout
+    plan was built for (a plan built from the recipe's preset before the DiT was converted)."""
+    pairs = {"attention heads": (dit.num_heads, plan.shards.num_heads),
+             "latent channels": (dit.out_dim, plan.latent_channels),
+             "condition channels": (dit.in_dim - dit.out_dim, plan.condition_channels)}
+    wrong = [f"{what} {has} where the rollout plan has {planned}" for what, (has, planned) in pairs.items()
+             if has != planned]
+    if wrong:
+        raise CheckpointError(f"{folder}: the converted DiT has {'; '.join(wrong)} (the plan was built for "
+                              "another model, e.g. the recipe's preset before this DiT was converted; a new run "
+                              "reads the converted DiT)")
+
+
 def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Path, *, compute_dtype,
                     dit_hub_repo: str | None = None, allow_pickle: bool = False, cache_dir: str | None = None,
                     text_cache_dir: str | None = None) -> Components:
     """Loads (downloading and converting where missing) every component onto the plan's mesh: the DiT
-    restored straight into its sharding, decoder / encoder replicated."""
+    restored straight into its sharding (after its converted config is checked against the plan), decoder /
+    encoder replicated.
+
+    With several processes, process 0 downloads and converts first; the others wait for it, then find
+    the folders (on a filesystem they do not share with it, they convert their own)."""
     from converters import taehv as taehv_conv
     from converters import wan_dit
     from converters import wan_vae as wan_vae_conv
@@ -140,24 +159,35 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
     hubs = dict(recipe.weights)
     if dit_hub_repo:
         hubs["dit"] = HubFiles(dit_hub_repo, ("*.safetensors", "*.json"), "")
+    names = ["dit", *(["vae"] if recipe.decoder == "wan_vae" or recipe.task == "i2v_camera" else []),
+             *(["decoder"] if recipe.decoder != "wan_vae" else []), "text_encoder"]
 
-    def folder(name: str) -> Path:
+    def ensure(name: str) -> Path:
         return ensure_component(name, root / name, hubs.get(name), allow_pickle=allow_pickle, cache_dir=cache_dir)
 
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            for name in names:
+                ensure(name)
+        multihost_utils.sync_global_devices("wm_jax: components converted by process 0")
+    folder = {name: ensure(name) for name in names}
+
     mesh, rules = plan.mesh, plan.rules
-    dit_folder = folder("dit")
-    abstract = nnx.state(nnx.eval_shape(lambda: WanModel(dit_config(recipe, root), compute_dtype=compute_dtype)))
-    dit = wan_dit.load(dit_folder, compute_dtype=compute_dtype,
-                       shardings=flat_param_shardings(abstract, rules, mesh))
+    config = dit_config(recipe, root)
+    check_plan(plan, config, folder["dit"])
+    abstract = nnx.state(nnx.eval_shape(lambda: WanModel(config, compute_dtype=compute_dtype)))
+    dit = wan_dit.load(folder["dit"], compute_dtype=compute_dtype, shardings=flat_param_shardings(abstract, rules, mesh))
     vae = None
-    if recipe.decoder == "wan_vae" or recipe.task == "i2v_camera":
-        vae = on_mesh(wan_vae_conv.load(folder("vae")), mesh)
+    if "vae" in folder:
+        vae = on_mesh(wan_vae_conv.load(folder["vae"]), mesh)
         vae.compute_dtype = compute_dtype
     if recipe.decoder == "wan_vae":
         decoder = wan_vae_decoder(vae)
     else:
-        decoder = taehv_decoder(on_mesh(taehv_conv.load(folder("decoder"), compute_dtype=compute_dtype), mesh))
-    text = load_text_encoder(folder("text_encoder"), cache_dir=text_cache_dir)
+        decoder = taehv_decoder(on_mesh(taehv_conv.load(folder["decoder"], compute_dtype=compute_dtype), mesh))
+    text = load_text_encoder(folder["text_encoder"], cache_dir=text_cache_dir)
     check_compatible(recipe, dit.config, text.config.dim, root)
     return Components(dit=dit, decoder=decoder, vae_encoder=vae if recipe.task == "i2v_camera" else None,
                       encode_prompt=lambda p: np.asarray(text.encode([p])[0], np.float32)[None],
