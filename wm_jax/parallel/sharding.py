@@ -18,7 +18,7 @@ own tokens and no exchange is needed. Head-sharding them (`context_heads="sp"`) 
 memory (0.84 GB for a 14B model) by the device count at the price of two more all_to_alls per layer.
 
 Parameters get logical axes from `PARAM_AXES` (regular expressions on the flat nnx path, e.g.
-`blocks/ffn/fc1/kernel`; first match wins, every path must match one).
+`blocks/ffn/fc1/kernel`; first match wins, every path must match one, with one logical axis per array axis).
 """
 
 from __future__ import annotations
@@ -75,20 +75,36 @@ CROSS_KV_AXES: Logical = ("layers", "batch", None, "context_heads", None)  # [la
 LATENT_AXES: Logical = ("batch", None, None, None, None)  # latents, conditioning [B, F, h, w, C]
 NOISE_AXES: Logical = (None, "batch", None, None, None, None)  # chunk noise [k, B, F, h, w, C]
 
-# Wan DiT parameters (flat nnx paths of wm_jax.models.wan.WanModel) -> logical axes, first match wins.
+# Wan DiT parameters (flat nnx paths of wm_jax.models.wan.WanModel) -> logical axes, one per array axis; first
+# match wins. No rule matches everything: a parameter the table does not name is an error (KeyError).
+_ATTN = r"(self_attn|cross_attn)"
 PARAM_AXES: tuple[tuple[str, Logical], ...] = (
-    (r"^blocks/(self_attn|cross_attn)/(q|k|v|k_img|v_img)/kernel$", ("layers", "embed", "attn")),
-    (r"^blocks/(self_attn|cross_attn)/o/kernel$", ("layers", "attn", "embed")),
-    (r"^blocks/(self_attn|cross_attn)/(q|k|v|k_img|v_img)/bias$", ("layers", "attn")),
+    # the stacked blocks: [layers, ...]
+    (rf"^blocks/{_ATTN}/(q|k|v|k_img|v_img)/kernel$", ("layers", "embed", "attn")),
+    (rf"^blocks/{_ATTN}/o/kernel$", ("layers", "attn", "embed")),
+    (rf"^blocks/{_ATTN}/(q|k|v|k_img|v_img)/bias$", ("layers", "attn")),
+    (rf"^blocks/{_ATTN}/(o/bias|norm_(q|k|k_img)/scale)$", ("layers", "embed")),
     (r"^blocks/ffn/fc1/kernel$", ("layers", "embed", "mlp")),
     (r"^blocks/ffn/fc1/bias$", ("layers", "mlp")),
     (r"^blocks/ffn/fc2/kernel$", ("layers", "mlp", "embed")),
-    (r"^blocks/camera/\w+/kernel$", ("layers", "embed", "embed")),
-    (r"^blocks/modulation$", ("layers", None, "embed")),
-    (r"^blocks/", ("layers", "embed")),  # biases, norm scales
-    (r"^(head/linear|time_proj)/kernel$", ("embed", None)),
-    (r"/kernel$", (None, "embed")),
-    (r"", (None,)),  # vectors and tables outside the blocks
+    (r"^blocks/camera/(fc1|fc2|scale|shift)/kernel$", ("layers", "embed", "embed")),
+    (r"^blocks/(ffn/fc2|camera/(fc1|fc2|scale|shift))/bias$", ("layers", "embed")),
+    (r"^blocks/norm3/(scale|bias)$", ("layers", "embed")),
+    (r"^blocks/modulation$", ("layers", None, "embed")),  # [layers, 6, D]
+    # embeddings into the model width: [in, D] kernels, [D] biases and norms
+    (r"^(patch_embed|text_fc1|text_fc2|time_fc1|time_fc2|camera_embed/(patch|fc1|fc2)|image_embed/fc2)/kernel$",
+     (None, "embed")),
+    (r"^(patch_embed|text_fc1|text_fc2|time_fc1|time_fc2|camera_embed/(patch|fc1|fc2)|image_embed/fc2)/bias$",
+     ("embed",)),
+    (r"^image_embed/norm_out/(scale|bias)$", ("embed",)),
+    # out of the model width: time_proj [D, 6D] (the blocks' modulation), head [D, patch·out_dim]
+    (r"^(time_proj|head/linear)/kernel$", ("embed", None)),
+    (r"^(time_proj|head/linear)/bias$", (None,)),
+    (r"^head/modulation$", (None, "embed")),  # [2, D]
+    # CLIP-width layers of the I2V image embedding: [image_dim, image_dim], [image_dim], pos [tokens, image_dim]
+    (r"^image_embed/fc1/kernel$", (None, None)),
+    (r"^image_embed/(fc1/bias|norm_in/(scale|bias))$", (None,)),
+    (r"^image_embed/pos$", (None, None)),
 )
 
 
@@ -99,10 +115,13 @@ def _flat_path(path: tuple) -> str:
 
 
 def logical_axes(path: str, ndim: int, table=PARAM_AXES) -> Logical:
-    """The logical axes of the parameter at `path` (padded/truncated to `ndim` with replicated axes)."""
+    """The logical axes of the parameter at `path`, which has `ndim` axes (KeyError: no rule names the path;
+    ValueError: its rule names another number of axes)."""
     for pattern, axes in table:
         if re.search(pattern, path):
-            axes = tuple(axes[:ndim]) + (None,) * max(0, ndim - len(axes))
+            if len(axes) != ndim:
+                raise ValueError(f"sharding rule {pattern!r} gives parameter {path!r} {len(axes)} axes {axes}; "
+                                 f"it has {ndim}")
             return axes
     raise KeyError(f"no sharding rule matches parameter {path!r}")
 
