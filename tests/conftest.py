@@ -38,3 +38,43 @@ def tiny_parts():
 
     recipe = load_recipe("tiny")
     return recipe, build_random(recipe, plan_of(recipe), seed=0)
+
+
+@pytest.fixture(scope="session")
+def live_world():
+    """The `tiny` recipe as `wm-jax serve` builds it (endless sink + window rollout, warm), built once."""
+    from wm_jax.serve.launch import build_world
+    from wm_jax.streaming.run import RunOptions
+
+    world, _ = build_world(RunOptions(slug="tiny", num_devices=1), log=lambda line: None)
+    return world
+
+
+@pytest.fixture(scope="session")
+def live_server(live_world):
+    """(WorldServer, base URL) serving `live_world` on a free local port from a background thread; the
+    world is reset whenever a visitor takes it."""
+    import asyncio
+    import threading
+
+    from wm_jax.serve.launch import serve_forever
+    from wm_jax.serve.server import WorldServer
+
+    server = WorldServer(live_world, log=lambda line: server.events.append(line))
+    server.events = []
+    loop = asyncio.new_event_loop()
+    started, stop = threading.Event(), None
+
+    def serve():
+        nonlocal stop
+        asyncio.set_event_loop(loop)
+        stop = asyncio.Event()
+        loop.run_until_complete(serve_forever(server, "127.0.0.1", 0, server.events.append, ready=started.set,
+                                              stop=stop))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(60), "the server did not start"
+    yield server, f"http://127.0.0.1:{server.port}"
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(30)

@@ -19,6 +19,7 @@ USAGE = """usage: wm-jax <command> [flags]
 
 commands:
   run       stream a world from a recipe: wm-jax run tiny (random weights, seconds on a CPU)
+  serve     a live world in the browser, steered with the keyboard and mouse: wm-jax serve tiny
   convert   convert an upstream PyTorch checkpoint (safetensors, sharded, diffusers, Self-Forcing .pt)
   parity    run a golden parity case folder through wm_jax and compare with upstream outputs
 
@@ -242,10 +243,65 @@ def _run_main(argv):
           f"commit {steps[-1]['commit_ms']:.1f} ms, decode {steps[-1]['decode_ms']:.1f} ms")
 
 
+def _define_serve_flags():
+    _define_device_flags()
+    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (127.0.0.1: this machine only; reach a remote "
+                        "server through ssh -L).")
+    flags.DEFINE_integer("port", 8089, "Port of the page, the health check and the video WebSocket.")
+    flags.DEFINE_string("state_dir", None, "Save the world here when a visitor leaves and when the server stops; "
+                        "a world saved here is continued at the next start.")
+    flags.DEFINE_integer("pixel_height", None, "Video height, multiple of 16 (default: the recipe's).")
+    flags.DEFINE_integer("pixel_width", None, "Video width, multiple of 16 (default: the recipe's).")
+    flags.DEFINE_integer("fps", None, "Frame rate of the stream (default 16).")
+    flags.DEFINE_integer("seed", None, "Noise seed (default: the recipe's, 42).")
+    flags.DEFINE_string("prompt", None, "Start prompt (default: the example's or the recipe's).")
+    flags.DEFINE_string("image", None, "I2V start image (resized to the video size).")
+    flags.DEFINE_bool("example_data", False, "Start from a LingBot example scene (image, intrinsics, prompt).")
+    flags.DEFINE_integer("example_idx", 0, "Example scene: 0, 1, 2, 5 (upstream) or -1 (shipped in the repo).")
+    flags.DEFINE_string("checkpoint", None, "Folder of converted components (as for wm-jax run).")
+    flags.DEFINE_string("hub_repo", None, "Override the DiT's hub repo.")
+    flags.DEFINE_bool("allow_pickle", False, "Allow converting upstream .pth/.pt pickles (T5, VAE, Self-Forcing).")
+    flags.DEFINE_float("world_scale", None, "Camera translation scale (default 1.2712).")
+    flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "auto: bfloat16 on GPU, float32 on CPU.")
+
+
+def _serve_main(argv):
+    import asyncio
+
+    from absl import logging as absl_logging
+
+    from wm_jax.serve.launch import build_world, serve_forever
+    from wm_jax.serve.server import WorldServer
+    from wm_jax.streaming.recipes import SLUGS
+    from wm_jax.streaming.run import RunOptions
+
+    if len(argv) > 2:
+        raise UsageError(f"usage: wm-jax serve [slug] [flags]; slugs: {', '.join(SLUGS)}")
+    _join_processes()
+    import jax
+
+    if jax.process_count() > 1:
+        raise UsageError("wm-jax serve runs in one process (its devices may be several GPUs); drop the multi-host flags")
+    slug = argv[1] if len(argv) == 2 else "tiny"
+    names = ("pixel_height", "pixel_width", "fps", "seed", "prompt", "image", "example_data", "example_idx",
+             "checkpoint", "hub_repo", "allow_pickle", "world_scale", "compute_dtype", "num_devices")
+    options = RunOptions(slug=slug, **{n: getattr(FLAGS, n) for n in names})
+
+    def log(line: str) -> None:
+        print(f"[{__import__('time').strftime('%H:%M:%S')}] {line}", flush=True)
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    world, resumed = build_world(options, log, FLAGS.state_dir)
+    server = WorldServer(world, log=log, state_dir=FLAGS.state_dir, resumed=resumed)
+    asyncio.run(serve_forever(server, FLAGS.host, FLAGS.port, log))
+
+
 COMMAND_ARGS = {"run": "<slug> [flags]  (slugs: tiny, self-forcing-wan2.1-t2v-1.3b[-taehv], lingbot-world-fast, "
-                       "lingbot-world-fast-taehv-window15-sink3)", "convert": "--src PATH --dst DIR [flags]", "parity": "CASE_DIR [--out OUT.npz] [--tolerance T]"}
+                       "lingbot-world-fast-taehv-window15-sink3)", "serve": "[slug] [flags]  (default slug: tiny)",
+                "convert": "--src PATH --dst DIR [flags]", "parity": "CASE_DIR [--out OUT.npz] [--tolerance T]"}
 COMMANDS = {
     "run": (_define_run_flags, _run_main),
+    "serve": (_define_serve_flags, _serve_main),
     "convert": (_define_convert_flags, _convert_main),
     "parity": (_define_parity_flags, _parity_main),
 }

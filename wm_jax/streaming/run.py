@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,9 +63,10 @@ class RunOptions:
     num_devices: int | None = None
 
 
-def resolve(options: RunOptions) -> tuple[Recipe, RolloutPlan, dict]:
-    """The recipe with the options applied, its validated rollout plan on the run's mesh (before any
-    weight is loaded), and the resolved settings (for the stats file)."""
+def resolve(options: RunOptions, adapt: Callable[[Recipe], Recipe] | None = None
+            ) -> tuple[Recipe, RolloutPlan, dict]:
+    """The recipe with the options applied (then `adapt`ed, e.g. for serving), its validated rollout plan
+    on the run's mesh (before any weight is loaded), and the resolved settings (for the stats file)."""
     from wm_jax.streaming.components import dit_config
 
     recipe = load_recipe(options.slug)
@@ -75,6 +77,8 @@ def resolve(options: RunOptions) -> tuple[Recipe, RolloutPlan, dict]:
     recipe = recipe.replace(**overrides)
     if recipe.fps <= 0:
         raise OptionError("fps", f"{{fps}} {recipe.fps}: expected a positive frame rate")
+    if adapt is not None:
+        recipe = adapt(recipe)
     model = dit_config(recipe, None if recipe.random_weights else options.checkpoint)
     plan = RolloutPlan.for_recipe(recipe, model, make_mesh(options.num_devices))
     resolved = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "weights"}
@@ -94,13 +98,14 @@ def prepare_output_dir(path: str) -> Path:
     return out
 
 
-def _compute_dtype(name: str):
+def compute_dtype_of(name: str):
+    """The compute dtype option: auto = bfloat16 on GPUs, float32 elsewhere."""
     if name == "auto":
         return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     return jnp.dtype(name)
 
 
-def _scene(options: RunOptions, recipe: Recipe):
+def load_scene(options: RunOptions, recipe: Recipe):
     """(image uint8 [H, W, 3] or None, poses, intrinsics, prompt) from flags / example data."""
     from wm_jax.io import examples, trajectory
 
@@ -141,17 +146,30 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
 
 
+def load_parts(recipe: Recipe, plan: RolloutPlan, options: RunOptions, compute_dtype):
+    """The recipe's components on the plan's mesh: seeded random weights, or `options.checkpoint`'s
+    (downloaded and converted there where missing)."""
+    from wm_jax.streaming.components import build_random, load_components
+
+    if recipe.random_weights:
+        return build_random(recipe, plan, recipe.seed, compute_dtype)
+    if not options.checkpoint:
+        raise OptionError("checkpoint", f"recipe {recipe.slug} needs weights: {{checkpoint}} DIR (converted "
+                          "components, downloaded and converted there if missing)")
+    return load_components(recipe, plan, options.checkpoint, compute_dtype=compute_dtype,
+                           dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
+
+
 def run(options: RunOptions) -> dict:
     """Streams the world; returns the stats report (also written, by process 0, next to the video)."""
     from wm_jax.io import trajectory
     from wm_jax.io.video import Mp4Writer
-    from wm_jax.streaming.components import build_random, load_components
 
     recipe, plan, resolved = resolve(options)
     writer_process = jax.process_index() == 0
     out_dir = prepare_output_dir(options.output_dir) if writer_process else Path(options.output_dir)
-    compute_dtype = _compute_dtype(options.compute_dtype)
-    image, poses, intrinsics, prompt = _scene(options, recipe)
+    compute_dtype = compute_dtype_of(options.compute_dtype)
+    image, poses, intrinsics, prompt = load_scene(options, recipe)
     camera = None
     if recipe.task == "i2v_camera":
         poses = trajectory.poses_for_frames(poses, plan.pixel_frames, options.pose_mode)
@@ -161,14 +179,7 @@ def run(options: RunOptions) -> dict:
         resolved["world_scale_used"] = scale
 
     start = time.perf_counter()
-    if recipe.random_weights:
-        parts = build_random(recipe, plan, recipe.seed, compute_dtype)
-    else:
-        if not options.checkpoint:
-            raise OptionError("checkpoint", f"recipe {recipe.slug} needs weights: {{checkpoint}} DIR (converted "
-                              "components, downloaded and converted there if missing)")
-        parts = load_components(recipe, plan, options.checkpoint, compute_dtype=compute_dtype,
-                                dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
+    parts = load_parts(recipe, plan, options, compute_dtype)
     load_s = time.perf_counter() - start
     text_features = parts.encode_prompt(prompt)
     parts.encode_prompt = None  # frees the text encoder (umT5-XXL: ~11 GB in bf16) before the rollout allocates
