@@ -52,12 +52,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
     """Host (numpy) or device values -> arrays replicated on every device of `mesh`. With several
-    processes each one fills its own devices from its copy (the copies must be identical)."""
+    processes each one fills its own devices from its copy (the copies must be identical); an array that
+    spans processes is resharded on the devices."""
     sharding = replicated(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
 
     def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.jit(lambda a: a, out_shardings=sharding)(x)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -65,8 +68,13 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
 
 
 def local_replica(x: jax.Array) -> jax.Array:
-    """This process's first copy of a replicated array (a single-device array: readable on the host)."""
-    return x.addressable_data(0) if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1 else x
+    """This process's first copy of a replicated array (a single-device array: readable on the host).
+    Raises ValueError for an array that is not fully replicated (no device holds all of it)."""
+    if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+        return x
+    if not x.sharding.is_fully_replicated:
+        raise ValueError(f"expected a replicated array, got {x.shape} sharded as {x.sharding}")
+    return x.addressable_data(0)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

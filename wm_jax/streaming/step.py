@@ -14,7 +14,8 @@ Both run under `shard_map` over the plan's mesh with every operand in the shardi
 (`wm_jax.parallel.sharding`): for Ulysses, weights, latents, noise and conditioning are whole on every
 device, the KV cache holds each device's heads, and inside the model each device carries its share of
 the tokens (`wm_jax.parallel.ulysses`).
-On one device the same program runs with a mesh of one.
+On one device both are a `shard_map` over a mesh of one, and no exchange is emitted (`SequenceShards`
+skips every collective when there is one shard).
 
 Noise is an input, `[k, B, F, H, W, C]` (ε₀, then one re-noise draw per later pass): `chunk_noise`
 derives it from one global key per (chunk, pass), and recorded upstream noise replays the same way.
@@ -95,16 +96,17 @@ class StreamingStep:
         self.denoise = jax.jit(denoise, out_shardings=self.latent_sharding)
         self.commit = jax.jit(commit_, donate_argnums=(1,), out_shardings=self.cache_sharding)
         self._cross_kv = jax.jit(self._compute_cross_kv, out_shardings=self.cross_kv_sharding)
+        self._init_cache = jax.jit(self._empty_cache, static_argnums=0, out_shardings=self.cache_sharding)
         self.replicated = replicated(mesh)
 
     def init_cache(self, dtype=None) -> KVCache:
         """An empty cache, created directly in its sharding (each device allocates only its heads; the
         heads padded to a multiple of the device count)."""
+        return self._init_cache(jnp.dtype(dtype or self.compute_dtype))
+
+    def _empty_cache(self, dtype) -> KVCache:
         cfg, plan = self.config, self.plan
-        dtype = dtype or self.compute_dtype
-        zeros = lambda: KVCache.zeros(plan.cache, cfg.num_layers, plan.batch, plan.shards.padded_heads, cfg.head_dim,
-                                      dtype)
-        return jax.jit(zeros, out_shardings=self.cache_sharding)()
+        return KVCache.zeros(plan.cache, cfg.num_layers, plan.batch, plan.shards.padded_heads, cfg.head_dim, dtype)
 
     def cross_kv(self, text: np.ndarray | Array, image_tokens: np.ndarray | Array | None = None) -> dict[str, Array]:
         """Cross-attention K/V for a prompt (once per prompt): text [B, Lc, text_dim] real tokens."""
@@ -114,8 +116,8 @@ class StreamingStep:
     def whole(self, tree):
         """Host or device values -> replicated on the plan's mesh (inputs of denoise / commit)."""
         return jax.tree_util.tree_map(
-            lambda x: x if isinstance(x, jax.Array) and x.sharding == self.replicated else put_replicated(x, self.plan.mesh),
-            tree)
+            lambda x: x if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.replicated, x.ndim)
+            else put_replicated(x, self.plan.mesh), tree)
 
     def _compute_cross_kv(self, params, text, image_tokens):
         model = nnx.merge(self.graphdef, params)
@@ -154,7 +156,7 @@ class StreamingStep:
 def _place(tree, shardings):
     """Puts every leaf in its sharding unless it is there already (restored / created sharded)."""
     def put(x, sharding: NamedSharding):
-        if isinstance(x, jax.Array) and x.sharding == sharding:
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
             return x
         return jax.device_put(x, sharding)
 
