@@ -112,8 +112,9 @@ class SelfAttention(nnx.Module):
         absolute positions); only its first `past.valid_length` tokens count. `mask` [L, L] (True =
         attend) restricts attention among the L tokens themselves (full-sequence references only).
         With `shards` (inside shard_map), x holds this device's tokens of `frames` latent frames and
-        attention runs Ulysses-style: the returned (k, v) are [B, F·S, N/P, d], every real token of this
-        device's heads (the layout of the head-sharded cache).
+        attention runs Ulysses-style: the returned (k, v) are [B, F·S, N_pad/P, d] (N heads padded to a
+        multiple of the P devices), every real token of this device's heads (the layout of the
+        head-sharded cache).
         """
         b, length, _ = x.shape
         q, k, v = self.project_qkv(x, rope)

@@ -1,11 +1,12 @@
 """Ulysses sequence parallelism inside `shard_map`: tokens are split across devices for everything but
 self-attention, which gathers the chunk's tokens and splits the heads instead.
 
-Per layer and device (P devices, chunk of F latent frames, S tokens per frame padded to S_pad = P·S_dev):
+Per layer and device (P devices, chunk of F latent frames, S tokens per frame padded to S_pad = P·S_dev,
+N heads padded to N_pad, a multiple of P):
 
-    [q; k; v] [3B, F·S_dev, N, d] --all_to_all-->  [3B, F·S, N/P, d]     (one exchange; padding dropped)
-    attention over [own chunk ; this device's N/P heads of the KV cache]  (kernels.attention)
-    out [B, F·S, N/P, d]          --all_to_all-->  [B, F·S_dev, N, d]
+    [q; k; v] [3B, F·S_dev, N, d] --all_to_all-->  [3B, F·S, N_pad/P, d]  (one exchange; token padding dropped)
+    attention over [own chunk ; this device's N_pad/P heads of the KV cache]  (kernels.attention)
+    out [B, F·S, N_pad/P, d]      --all_to_all-->  [B, F·S_dev, N, d]      (head padding dropped)
 
 Only the chunk crosses devices, never the cache: the cache is sharded by heads and every device holds
 the whole window of its heads, so the head-sharded k, v returned here are what commit writes. Tokens

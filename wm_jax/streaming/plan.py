@@ -3,7 +3,8 @@
     pixels  [T_px, H, W, 3]        T_px = 1 + 4·(T − 1) for T latent frames (VAE temporal stride 4)
     latents [T, H/8, W/8, C]       C = the DiT's out_dim (16 Wan 2.1, 48 Wan 2.2 TI2V)
     tokens  S = (H/16)·(W/16) per latent frame (patch 1x2x2); a chunk is F frames = F·S tokens
-    devices S padded per frame to a multiple of the device count P; S_pad / P tokens per device
+    devices S padded per frame to a multiple of the device count P; S_pad / P tokens per device;
+            N heads padded to a multiple of P (N_pad); N_pad / P heads of the KV cache per device
 
 The engine, the streaming step, the parity runners and the benchmarks take a `RolloutPlan` and read
 these numbers from it; none of them recomputes a shape. Validation errors are `OptionError`s naming the
@@ -25,6 +26,8 @@ from wm_jax.parallel.mesh import unpadded_device_counts
 from wm_jax.parallel.sharding import ShardingRules
 from wm_jax.parallel.ulysses import SequenceShards
 from wm_jax.streaming.kv_cache import CacheLayout
+
+SPATIAL_MULTIPLE = VAE_STRIDE[1] * PATCH_SIZE[1]  # video sizes are multiples of it: pixels per token side (16)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class RolloutPlan:
         no ring); else `sink_frames` first frames plus a ring of the `ring_frames` most recent ones.
         """
         rules = rules or ShardingRules()
-        check_resolution(pixel_height, pixel_width, vae_stride)
+        check_resolution(pixel_height, pixel_width, vae_stride[1] * PATCH_SIZE[1])
         if total_blocks <= 0:
             raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks}: expected at least 1 chunk")
         latent_frames = total_blocks * chunk_frames
@@ -82,7 +85,7 @@ class RolloutPlan:
         if rules.context_heads is not None and model.num_heads % num_devices:
             raise OptionError("num_devices", f"{{num_devices}} {num_devices}: head-sharded cross-attention K/V need "
                               f"a device count that divides the {model.num_heads} heads: "
-                              f"{unpadded_device_counts(model.num_heads, len(mesh.devices.flat))}")
+                              f"{unpadded_device_counts(model.num_heads, mesh.size)}")
         latent_h, latent_w = pixel_height // vae_stride[1], pixel_width // vae_stride[2]
         tokens_per_frame = (latent_h // PATCH_SIZE[1]) * (latent_w // PATCH_SIZE[2])
         if sink_frames is None:
@@ -94,7 +97,7 @@ class RolloutPlan:
             logging.warning("%d devices do not divide the model's %d heads: padded to %d (%.0f %% of the attention "
                             "work is padding); device counts without padding here: %s", num_devices,
                             model.num_heads, shards.padded_heads, 100 * (1 - model.num_heads / shards.padded_heads),
-                            unpadded_device_counts(model.num_heads, len(mesh.devices.flat)))
+                            unpadded_device_counts(model.num_heads, mesh.size))
         return cls(pixel_height, pixel_width, latent_h, latent_w, model.out_dim, model.in_dim - model.out_dim,
                    chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride)
 
@@ -155,18 +158,19 @@ class RolloutPlan:
                 "chunk_frames": self.chunk_frames, "total_blocks": self.total_blocks,
                 "tokens_per_frame": self.tokens_per_frame, "chunk_tokens": self.chunk_tokens,
                 "num_devices": self.num_devices, "padded_tokens_per_frame": self.shards.padded_tokens_per_frame,
+                "padded_heads": self.shards.padded_heads, "heads_per_device": self.shards.heads_per_shard,
                 "chunk_tokens_per_device": self.chunk_tokens_per_device,
                 "cache": {"sink_frames": self.cache.sink_frames, "ring_frames": self.cache.ring_frames,
                           "buffer_tokens": self.cache.buffer_tokens}}
 
 
-def check_resolution(height: int, width: int, vae_stride: tuple[int, int, int] = VAE_STRIDE) -> None:
-    """Raises OptionError with the nearest valid sizes unless both are positive multiples of VAE stride x patch."""
-    multiple = vae_stride[1] * PATCH_SIZE[1]
+def check_resolution(height: int, width: int, multiple: int = SPATIAL_MULTIPLE) -> None:
+    """Raises OptionError with the nearest valid sizes unless both are positive multiples of `multiple`
+    (VAE stride x patch: the pixels of one token side)."""
     for name, value in (("pixel_height", height), ("pixel_width", width)):
         if value <= 0 or value % multiple:
             lower = max(multiple, value // multiple * multiple)
             upper = max(multiple, (value // multiple + 1) * multiple)
             sizes = f"{lower}" if lower == upper else f"{lower} or {upper}"
             raise OptionError(name, f"{{{name}}} {value}: the video size must be a positive multiple of {multiple} "
-                              f"(VAE stride {vae_stride[1]} x patch {PATCH_SIZE[1]}); use {sizes}")
+                              f"(VAE stride {multiple // PATCH_SIZE[1]} x patch {PATCH_SIZE[1]}); use {sizes}")
