@@ -78,3 +78,19 @@ def live_server(live_world):
     yield server, f"http://127.0.0.1:{server.port}"
     loop.call_soon_threadsafe(stop.set)
     thread.join(30)
+
+
+MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture
+def record_measurement():
+    """Adds a line to the "measurements" section printed at the end of the test run."""
+    return MEASUREMENTS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MEASUREMENTS:
+        terminalreporter.section("measurements")
+        for line in MEASUREMENTS:
+            terminalreporter.write_line(line)

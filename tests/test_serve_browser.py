@@ -1,7 +1,8 @@
 """The live page in a real browser: headless Debian Chromium driven by Playwright against `tiny` on the CPU.
 
 The page loads and shows frames that change; holding D turns the camera poses the model receives
-(checked on the server); the key-press-to-updated-frame latency the page measures is printed; a second
+(checked on the server); the key-press-to-updated-frame latency the page measures is printed at the end of
+the run ("measurements"); a second
 visitor sees the busy page with its place in line and gets the world once the first tab closes. With
 WM_JAX_SCREENSHOT=PATH the page is also saved as a PNG (docs/serve_page.png comes from this test).
 """
@@ -40,7 +41,7 @@ def _yaw(pose) -> float:
     return float(np.degrees(np.arctan2(pose[0, 2], pose[2, 2])))
 
 
-def test_the_page_streams_a_world_that_the_keys_steer(live_server, browser, tmp_path):
+def test_the_page_streams_a_world_that_the_keys_steer(live_server, browser, record_measurement):
     server, base = live_server
     first = browser.new_page(viewport={"width": 1280, "height": 600})
     first.goto(base)
@@ -61,7 +62,7 @@ def test_the_page_streams_a_world_that_the_keys_steer(live_server, browser, tmp_
     turned = [_yaw(poses[-1]) for poses in server.world.pose_log[turned_from - 1:]]
     assert turned[-1] > turned[0] + 3.0, turned
     latency_ms = first.evaluate("window.wm.latencies[0]")
-    print(f"\nkey press to first updated frame: {latency_ms:.0f} ms (tiny on this CPU)")
+    record_measurement(f"live page, tiny on this CPU: key press to first updated frame {latency_ms:.0f} ms")
     assert 0 < latency_ms < 20000
     hud = first.inner_text("#hud")
     assert "fps" in hud and "key→frame" in hud and "queue" in hud
