@@ -86,7 +86,7 @@ REFERENCE = {
     "lingbot-world-fast": "FlashDreams H100, 4 GPUs Ulysses: 629 ms DiT (4 steps, 6th chunk), 783 ms total; "
                           "--num_devices sets this run's GPUs",
 }
-VALUE_RANGES = {"taehv": (0.0, 1.0), "wan_vae": (-1.0, 1.0)}  # decoders' pixel ranges (engine.Decoder)
+VALUE_RANGES = {"taehv": (0.0, 1.0), "wan_vae": (-1.0, 1.0)}  # wm_jax.streaming.decoders.Decoder.value_range
 SMALL_MODEL = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 
 
@@ -116,19 +116,16 @@ class TimedDecoder:
 
 
 def make_taehv(small: bool, dtype, seed: int, mesh) -> TimedDecoder:
-    """wm_jax TAEHV, `decode_chunk` under one jax.jit with the parameters as arguments and the state donated.
-
-    (Not `wm_jax.streaming.engine.taehv_decoder`: that wrapper closes over the module and raises
-    flax TraceContextError on its first call, see the report.)"""
+    """The engine's TAEHV decoder (`wm_jax.streaming.decoders.taehv_decoder`: `decode_chunk` under one jax.jit,
+    parameters as arguments, state donated) with random weights drawn on the device, replicated on the mesh."""
     from wm_jax.models import taehv as T
+    from wm_jax.streaming.decoders import taehv_decoder
 
     cfg = T.TAEHVConfig(param_dtype=jnp.dtype(dtype).name, decoder_n_f=(32, 16, 8, 8) if small else (256, 128, 64, 64))
     module = nnx.eval_shape(lambda: T.TAEHVDecoder(cfg, compute_dtype=dtype))
     fill_random_params(module, seed=seed, stacked_prefixes=())
-    graphdef, params = nnx.split(on_mesh(module, mesh))
-    step = jax.jit(lambda p, z, s: T.decode_chunk(nnx.merge(graphdef, p), z, s), donate_argnums=(2,))
-    return TimedDecoder("taehv", lambda b, h, w: put_replicated(T.init_decoder_state(module, b, h, w), mesh),
-                        lambda z, s: step(params, z, s))
+    dec = taehv_decoder(on_mesh(module, mesh))
+    return TimedDecoder("taehv", lambda b, h, w: put_replicated(dec.init_state(b, h, w), mesh), dec.step)
 
 
 def make_wan_vae(vae_dim: int, dtype, seed: int, mesh):
@@ -185,8 +182,6 @@ def parse_args(argv=None):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.height % 16 or args.width % 16:
-        p.error("--height/--width must be multiples of 16")
     args.decoders = [d for d in args.decoder.split(",") if d and d != "none"]
     bad = set(args.decoders) - {"taehv", "wan_vae"}
     if bad:
@@ -291,8 +286,8 @@ def main(argv=None):
         enc_cache = (put_replicated(encoder_vae.init_encoder_cache(1, args.height, args.width), mesh)
                      if (args.encode and i2v) else None)
         for i in range(args.total_blocks):
-            committed = i * chunk
-            valid = min(committed, layout.capacity_frames)
+            valid_tokens = int(plan.cache.valid_tokens(i * chunk))  # the cache the chunk attends to
+            valid = valid_tokens // tpf
             noise = block(noise_fn(key, i))
             inputs = cond_sets[i % len(cond_sets)]
             encode_ms = 0.0
@@ -325,8 +320,8 @@ def main(argv=None):
                     frames_to_uint8(local_replica(frames), VALUE_RANGES[d.name])  # raises on NaN/inf
                     d2h_ms = (time.perf_counter() - t) * 1e3
             finite &= bool(jnp.isfinite(x0).all())
-            den_flops = k * forward_flops(cfg, chunk_tokens, valid * tpf)
-            com_flops = forward_flops(cfg, chunk_tokens, valid * tpf)
+            den_flops = k * forward_flops(cfg, chunk_tokens, valid_tokens)
+            com_flops = forward_flops(cfg, chunk_tokens, valid_tokens)
             den_ms, com_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
             rec = {"rollout": r, "autoregressive_index": i, "valid_cache_frames": valid, "encode_ms": encode_ms,
                    "denoise_ms": den_ms, "commit_ms": com_ms, "decode_ms": decode_ms, "d2h_uint8_frames_ms": d2h_ms,

@@ -178,7 +178,8 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
     config = dit_config(recipe, root)
     check_plan(plan, config, folder["dit"])
     abstract = nnx.state(nnx.eval_shape(lambda: WanModel(config, compute_dtype=compute_dtype)))
-    dit = wan_dit.load(folder["dit"], compute_dtype=compute_dtype, shardings=flat_param_shardings(abstract, rules, mesh))
+    dit = wan_dit.load(folder["dit"], compute_dtype=compute_dtype,
+                       shardings=flat_param_shardings(abstract, rules, mesh))
     vae = None
     if "vae" in folder:
         vae = on_mesh(wan_vae_conv.load(folder["vae"]), mesh)

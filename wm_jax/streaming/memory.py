@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from wm_jax.errors import TemplatedError
 from wm_jax.models.config import WanConfig
 from wm_jax.streaming.kv_cache import CacheLayout
+from wm_jax.streaming.plan import SPATIAL_MULTIPLE
 
 GIB = 2**30
 MEM_FRACTION_VAR = "XLA_PYTHON_CLIENT_MEM_FRACTION"  # JAX's share of GPU memory (default 0.75)
@@ -177,7 +178,8 @@ def _pixel_flag(size: RolloutSize, estimate: MemoryEstimate, capacity: int | Non
     if room is None or room >= estimate.pixel_bytes:
         return f"smaller {{pixel_height}} / {{pixel_width}} ({now})"
     scale = math.sqrt(room / estimate.pixel_bytes)
-    height, width = (max(16, int(v * scale) // 16 * 16) for v in (size.pixel_height, size.pixel_width))
+    height, width = (max(SPATIAL_MULTIPLE, int(v * scale) // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE)
+                     for v in (size.pixel_height, size.pixel_width))
     return f"{{pixel_height}} {height} {{pixel_width}} {width} or smaller ({now})"
 
 
