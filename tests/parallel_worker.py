@@ -12,7 +12,12 @@ mesh) and `OUT_DIR/stream.json` (the plans' padding and the caches' shardings as
 
     python3 tests/parallel_worker.py --distributed HOST:PORT PROCESS_ID NUM_PROCESSES OUT_DIR
 
-is one process of a multi-process run of the LingBot shape (see `distributed_worker_main`).
+is one process of a multi-process run of the LingBot shape (see `distributed_worker_main`);
+
+    python3 tests/parallel_worker.py --collectives OUT_DIR    (with 2 simulated devices)
+
+writes the compiled denoise / commit programs of the LingBot shape on 1 and 2 devices and whether commit
+took the cache by donation (see `collectives_worker_main`).
 """
 
 from __future__ import annotations
@@ -334,6 +339,45 @@ def worker_main(out_dir: str) -> None:
     (out / "stream.json").write_text(json.dumps(report, indent=1))
 
 
+def collectives_worker_main(out_dir: str) -> None:
+    """The LingBot shape on meshes of 1 and 2 devices: writes the compiled HLO of `denoise` and `commit`
+    (OUT_DIR/{n}_{denoise,commit}.hlo) and OUT_DIR/collectives.json with the KV cache's global and
+    per-device shapes and whether one `commit` deleted (took by donation) the cache it was given."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from wm_jax.parallel.mesh import make_mesh
+    from wm_jax.streaming.plan import RolloutPlan
+    from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise
+
+    assert len(jax.devices()) == 2, jax.devices()
+    out, case = Path(out_dir), _cases()["lingbot_fast"]
+    cfg, (lat_h, lat_w) = case["config"], case["latent"]
+    model, rng, report = _model(cfg), np.random.default_rng(0), {}
+    for n in (1, 2):
+        plan = RolloutPlan.create(cfg, make_mesh(n), pixel_height=8 * lat_h, pixel_width=8 * lat_w,
+                                  chunk_frames=LATENT_CHUNK, total_blocks=NUM_CHUNKS, sink_frames=case["sink"],
+                                  ring_frames=case["ring"])
+        step = StreamingStep(model, case["schedule"], plan)
+        cross_kv = step.cross_kv(rng.standard_normal((1, 7, cfg.text_dim), np.float32))
+        inputs = step.whole(ChunkInputs(y=rng.standard_normal(plan.condition_shape, np.float32),
+                                        camera=rng.standard_normal((*plan.chunk_shape[:4], cfg.camera_channels),
+                                                                   np.float32)))
+        noise = step.whole(chunk_noise(jax.random.key(0), 0, case["schedule"].num_steps, plan.chunk_shape))
+        cache = step.init_cache(jnp.float32)
+        x0 = step.denoise(step.params, cache, cross_kv, noise, inputs)
+        programs = {"denoise": step.denoise.lower(step.params, cache, cross_kv, noise, inputs),
+                    "commit": step.commit.lower(step.params, cache, cross_kv, x0, inputs)}
+        for name, lowered in programs.items():
+            (out / f"{n}_{name}.hlo").write_text(lowered.compile().as_text())
+        report[n] = {"cache_shape": list(cache.k.shape),
+                     "cache_shard_shapes": sorted({tuple(s.data.shape) for s in cache.k.addressable_shards})}
+        step.commit(step.params, cache, cross_kv, x0, inputs)
+        report[n]["cache_deleted"] = [cache.k.is_deleted(), cache.v.is_deleted()]
+    (out / "collectives.json").write_text(json.dumps(report))
+
+
 def distributed_worker_main(address: str, process_id: int, num_processes: int, out_dir: str) -> None:
     """One process of a multi-process run: joins through `initialize_distributed`, streams the LingBot
     shape on the global mesh (every process's devices), and process 0 then streams it again on one of
@@ -364,5 +408,7 @@ def distributed_worker_main(address: str, process_id: int, num_processes: int, o
 if __name__ == "__main__":
     if sys.argv[1] == "--distributed":
         distributed_worker_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    elif sys.argv[1] == "--collectives":
+        collectives_worker_main(sys.argv[2])
     else:
         worker_main(sys.argv[1])

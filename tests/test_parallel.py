@@ -9,6 +9,8 @@ every run here is a subprocess (helpers: tests/parallel_worker.py):
     tokens per frame and 2 heads (both padded on 4 devices), the Self-Forcing one 8 tokens and 4 heads
     (no padding). Every chunk's x0 and the final cache must agree with the 1-device run, and the cache
     must really be split by heads across the devices (so the test cannot pass on one device);
+  * what the compiled denoise / commit exchange (one subprocess with 2 devices): nothing on one device,
+    only the chunk on two (no collective has the KV cache's shape), and commit takes the cache by donation;
   * `wm-jax run tiny --num_devices N` for N = 1, 2, 4 (three processes with 4 devices each);
   * the golden parity cases on 4 devices;
   * bad device counts: errors naming the option, before any model work.
@@ -17,6 +19,7 @@ every run here is a subprocess (helpers: tests/parallel_worker.py):
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -121,6 +124,63 @@ def test_head_sharded_cross_attention_kv(streamed):
     error = errors["context_heads_sharded_4"]
     assert error is not None and error["type"] == "OptionError" and error["option"] == "num_devices"
     assert "divides the 2 heads" in error["message"] and "[1, 2]" in error["message"], error
+
+
+# ---------------------------------------------------------------------------------------------------
+# (a') what the compiled programs exchange: the chunk only, never the cache (one subprocess, 2 devices)
+# ---------------------------------------------------------------------------------------------------
+
+COLLECTIVE_OPS = re.compile(r"^(all-to-all|ragged-all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute|"
+                            r"collective-broadcast)(-start)?$")
+INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = (?P<shape>\([^=]*?\)|\S+) "
+                         r"(?P<op>[a-z][\w\-]*)\((?P<operands>[^)]*)\)")
+
+
+def _dims(shape: str) -> list[tuple[int, ...]]:
+    """Every array shape in an HLO shape string ('f32[3,1,128]{2,1,0}' or a tuple of them)."""
+    return [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\b[a-z]\w*\[([\d,]*)\]", shape)]
+
+
+def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(op, shapes of its result and operands) of every collective instruction in an HLO module's text."""
+    parsed = [m for m in map(INSTRUCTION.match, hlo.splitlines()) if m]
+    shapes = {m["name"]: m["shape"] for m in parsed}
+    return [(m["op"], _dims(m["shape"]) + [d for name in re.findall(r"%([\w.\-]+)", m["operands"])
+                                           for d in _dims(shapes[name])])
+            for m in parsed if COLLECTIVE_OPS.match(m["op"])]
+
+
+@pytest.fixture(scope="module")
+def compiled_programs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("collectives")
+    (result,) = run_together([([sys.executable, "tests/parallel_worker.py", "--collectives", str(out)],
+                               device_env(2, fast_compile=True))], timeout_s=120)
+    assert result.returncode == 0, result.describe()
+    report = json.loads((out / "collectives.json").read_text())
+    return {int(n): {**info, **{name: (out / f"{n}_{name}.hlo").read_text() for name in ("denoise", "commit")}}
+            for n, info in report.items()}
+
+
+@pytest.mark.parametrize("program", ["denoise", "commit"])
+def test_the_ulysses_program_moves_the_chunk_never_the_cache(compiled_programs, program):
+    """One device: no collective at all. Two devices: all_to_alls (and the output's all_gather) whose
+    operands and results never have the KV cache's shape, global or per device, nor its per-layer slice."""
+    one, two = compiled_programs[1], compiled_programs[2]
+    assert collectives(one[program]) == [], "the one-device program exchanges data"
+    assert not re.search(r"all-to-all|all-gather|all-reduce|collective-permute", one[program])
+    assert two["cache_shard_shapes"] == [[*two["cache_shape"][:3], two["cache_shape"][3] // 2,
+                                          two["cache_shape"][4]]], two  # split by heads
+    cache_shapes = {tuple(two["cache_shape"]), *map(tuple, two["cache_shard_shapes"])}
+    cache_shapes |= {shape[1:] for shape in cache_shapes}  # one layer's [B, T, heads, d] (inside the layer scan)
+    found = collectives(two[program])
+    assert "all-to-all" in {op for op, _ in found}, f"no exchange in the two-device {program}"
+    moved = [(op, shapes) for op, shapes in found if cache_shapes & set(shapes)]
+    assert not moved, f"collectives of the cache's shape {sorted(cache_shapes)}: {moved}"
+
+
+def test_commit_takes_the_cache_by_donation(compiled_programs):
+    for n, info in compiled_programs.items():
+        assert info["cache_deleted"] == [True, True], f"{n} device(s): commit left its input cache alive"
 
 
 # ---------------------------------------------------------------------------------------------------
