@@ -342,12 +342,16 @@ def worker_main(out_dir: str) -> None:
 def collectives_worker_main(out_dir: str) -> None:
     """The LingBot shape on meshes of 1 and 2 devices: writes the compiled HLO of `denoise` and `commit`
     (OUT_DIR/{n}_{denoise,commit}.hlo) and OUT_DIR/collectives.json with the KV cache's global and
-    per-device shapes and whether one `commit` deleted (took by donation) the cache it was given."""
+    per-device shapes, whether one `commit` deleted (took by donation) the cache it was given, whether
+    `StreamingStep.whole` keeps an array already replicated as P(None, None), and `local_replica`'s error
+    for the cache (None where it is whole on the one device)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from wm_jax.parallel.mesh import make_mesh
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from wm_jax.parallel.mesh import local_replica, make_mesh
     from wm_jax.streaming.plan import RolloutPlan
     from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise
 
@@ -373,6 +377,13 @@ def collectives_worker_main(out_dir: str) -> None:
             (out / f"{n}_{name}.hlo").write_text(lowered.compile().as_text())
         report[n] = {"cache_shape": list(cache.k.shape),
                      "cache_shard_shapes": sorted({tuple(s.data.shape) for s in cache.k.addressable_shards})}
+        spelled_out = jax.device_put(np.zeros((2, 3), np.float32), NamedSharding(plan.mesh, PartitionSpec(None, None)))
+        report[n]["whole_keeps_replicated"] = step.whole(spelled_out) is spelled_out  # P(None, None) ~ P()
+        try:
+            local_replica(cache.k)
+            report[n]["local_replica_of_cache"] = None
+        except ValueError as err:
+            report[n]["local_replica_of_cache"] = str(err)
         step.commit(step.params, cache, cross_kv, x0, inputs)
         report[n]["cache_deleted"] = [cache.k.is_deleted(), cache.v.is_deleted()]
     (out / "collectives.json").write_text(json.dumps(report))

@@ -11,6 +11,7 @@ every run here is a subprocess (helpers: tests/parallel_worker.py):
     must really be split by heads across the devices (so the test cannot pass on one device);
   * what the compiled denoise / commit exchange (one subprocess with 2 devices): nothing on one device,
     only the chunk on two (no collective has the KV cache's shape), and commit takes the cache by donation;
+    replicated arrays are recognised by equivalence, and a sharded one is never read as one replica;
   * `wm-jax run tiny --num_devices N` for N = 1, 2, 4 (three processes with 4 devices each);
   * the golden parity cases on 4 devices;
   * bad device counts: errors naming the option, before any model work.
@@ -181,6 +182,15 @@ def test_the_ulysses_program_moves_the_chunk_never_the_cache(compiled_programs, 
 def test_commit_takes_the_cache_by_donation(compiled_programs):
     for n, info in compiled_programs.items():
         assert info["cache_deleted"] == [True, True], f"{n} device(s): commit left its input cache alive"
+
+
+def test_replicated_arrays_by_equivalence_and_only_those_read_as_one_replica(compiled_programs):
+    """`whole` keeps an array whose sharding is P(None, None) (equivalent to P(), though not equal);
+    `local_replica` refuses the head-sharded cache instead of returning one device's heads."""
+    one, two = compiled_programs[1], compiled_programs[2]
+    assert one["whole_keeps_replicated"] and two["whole_keeps_replicated"]
+    assert one["local_replica_of_cache"] is None
+    assert "expected a replicated array" in two["local_replica_of_cache"], two["local_replica_of_cache"]
 
 
 # ---------------------------------------------------------------------------------------------------
