@@ -1,4 +1,5 @@
-"""The sharding table names every WanModel parameter explicitly, with one logical axis per array axis."""
+"""The sharding table names every WanModel parameter explicitly, with one logical axis per array axis
+(small T2V, I2V-with-CLIP and camera models, and every preset; abstract modules, nothing allocated)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import pytest
 from flax import nnx
 
-from wm_jax.models.config import WanConfig
+from wm_jax.models.config import PRESETS, WanConfig
 from wm_jax.models.wan import WanModel
 from wm_jax.parallel.sharding import PARAM_AXES, _flat_path, logical_axes
 
@@ -26,7 +27,7 @@ def parameters(cfg: WanConfig) -> dict[str, tuple[int, ...]]:
     return {_flat_path(path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-@pytest.mark.parametrize("cfg", VARIANTS.values(), ids=VARIANTS.keys())
+@pytest.mark.parametrize("cfg", [*VARIANTS.values(), *PRESETS.values()], ids=[*VARIANTS, *PRESETS])
 def test_every_parameter_matches_a_rule_with_its_number_of_axes(cfg):
     for path, shape in parameters(cfg).items():
         rule = next(((p, axes) for p, axes in PARAM_AXES if re.search(p, path)), None)
