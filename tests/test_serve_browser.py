@@ -59,7 +59,8 @@ def test_the_page_streams_a_world_that_the_keys_steer(live_server, browser, reco
     _wait(first, "window.wm.latencies.length >= 1")
     time.sleep(1.5)
     first.keyboard.up("d")
-    turned = [_yaw(poses[-1]) for poses in server.world.pose_log[turned_from - 1:]]
+    yaws = [_yaw(poses[-1]) for poses in server.world.pose_log[turned_from - 1:]]
+    turned = np.degrees(np.unwrap(np.radians(yaws)))
     assert turned[-1] > turned[0] + 3.0, turned
     latency_ms = first.evaluate("window.wm.latencies[0]")
     record_measurement(f"live page, tiny on this CPU: key press to first updated frame {latency_ms:.0f} ms")
