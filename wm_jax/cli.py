@@ -196,17 +196,19 @@ def _join_processes():
                            timeout_s=FLAGS.coordinator_timeout)
 
 
-def _define_run_flags():
+WORLD_FLAGS = ("pixel_height", "pixel_width", "fps", "seed", "prompt", "image", "example_data", "example_idx",
+               "checkpoint", "hub_repo", "allow_pickle", "world_scale", "compute_dtype", "num_devices")
+
+
+def _define_world_flags():
+    """The flags `run` and `serve` share: devices, the recipe's sizes and seed, the scene, the weights."""
     _define_device_flags()
-    flags.DEFINE_integer("total_blocks", None, "Chunks (AR steps) of 3 latent frames (default: the recipe's).")
     flags.DEFINE_integer("pixel_height", None, "Video height, multiple of 16 (default: the recipe's).")
     flags.DEFINE_integer("pixel_width", None, "Video width, multiple of 16 (default: the recipe's).")
-    flags.DEFINE_integer("fps", None, "Output frame rate (default 16).")
+    flags.DEFINE_integer("fps", None, "Frame rate of the video (default 16).")
     flags.DEFINE_integer("seed", None, "Noise seed (default: the recipe's, 42).")
     flags.DEFINE_string("prompt", None, "Text prompt (default: the example's or the recipe's).")
     flags.DEFINE_string("image", None, "I2V conditioning image (resized to the video size).")
-    flags.DEFINE_string("poses", None, "Camera trajectory poses.npy [N,4,4] camera-to-world, OpenCV axes.")
-    flags.DEFINE_string("intrinsics", None, "intrinsics.npy [N,4] (fx, fy, cx, cy) for a 480x832 frame.")
     flags.DEFINE_bool("example_data", False, "Use a LingBot example scene (image, poses, intrinsics, prompt).")
     flags.DEFINE_integer("example_idx", 0, "Example scene: 0, 1, 2, 5 (upstream, downloaded once into "
                          "assets/example_data/lingbot_world/NN/) or -1 (the small scene shipped in the repo).")
@@ -214,14 +216,21 @@ def _define_run_flags():
                         "missing ones are downloaded from the recipe's hub repos and converted there.")
     flags.DEFINE_string("hub_repo", None, "Override the DiT's hub repo.")
     flags.DEFINE_bool("allow_pickle", False, "Allow converting upstream .pth/.pt pickles (T5, VAE, Self-Forcing).")
-    flags.DEFINE_string("output_dir", "outputs", "Where <slug>.mp4 and stats_<slug>.json are written.")
-    flags.DEFINE_bool("save_latents", False, "Also write latents_<slug>.npy (clean latents, [F, h, w, 16]).")
-    flags.DEFINE_float("shift", None, "Override the schedule shift (Self-Forcing: 5 official CLI, 8 FlashDreams).")
     flags.DEFINE_float("world_scale", None, "Camera translation scale for streaming (default 1.2712).")
+    flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "auto: bfloat16 on GPU, float32 on CPU.")
+
+
+def _define_run_flags():
+    _define_world_flags()
+    flags.DEFINE_integer("total_blocks", None, "Chunks (AR steps) of 3 latent frames (default: the recipe's).")
+    flags.DEFINE_string("poses", None, "Camera trajectory poses.npy [N,4,4] camera-to-world, OpenCV axes.")
+    flags.DEFINE_string("intrinsics", None, "intrinsics.npy [N,4] (fx, fy, cx, cy) for a 480x832 frame.")
+    flags.DEFINE_string("output_dir", "outputs", "Where <slug>.mp4 and stats_<slug>.json are written.")
+    flags.DEFINE_bool("save_latents", False, "Also write latents_<slug>.npy (clean latents, [F, h, w, C]).")
+    flags.DEFINE_float("shift", None, "Override the schedule shift (Self-Forcing: 5 official CLI, 8 FlashDreams).")
     flags.DEFINE_enum("camera_mode", "stream", ["stream", "clip"], "stream: fixed world scale, per chunk; clip: "
                       "upstream's clip-wide max translation (parity with whole-clip runs).")
     flags.DEFINE_enum("pose_mode", "strict", ["strict", "hold"], "Too few poses: error (strict) or repeat the last.")
-    flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "auto: bfloat16 on GPU, float32 on CPU.")
 
 
 def _run_main(argv):
@@ -244,25 +253,12 @@ def _run_main(argv):
 
 
 def _define_serve_flags():
-    _define_device_flags()
+    _define_world_flags()
     flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (127.0.0.1: this machine only; reach a remote "
                         "server through ssh -L).")
     flags.DEFINE_integer("port", 8089, "Port of the page, the health check and the video WebSocket.")
     flags.DEFINE_string("state_dir", None, "Save the world here when a visitor leaves and when the server stops; "
                         "a world saved here is continued at the next start.")
-    flags.DEFINE_integer("pixel_height", None, "Video height, multiple of 16 (default: the recipe's).")
-    flags.DEFINE_integer("pixel_width", None, "Video width, multiple of 16 (default: the recipe's).")
-    flags.DEFINE_integer("fps", None, "Frame rate of the stream (default 16).")
-    flags.DEFINE_integer("seed", None, "Noise seed (default: the recipe's, 42).")
-    flags.DEFINE_string("prompt", None, "Start prompt (default: the example's or the recipe's).")
-    flags.DEFINE_string("image", None, "I2V start image (resized to the video size).")
-    flags.DEFINE_bool("example_data", False, "Start from a LingBot example scene (image, intrinsics, prompt).")
-    flags.DEFINE_integer("example_idx", 0, "Example scene: 0, 1, 2, 5 (upstream) or -1 (shipped in the repo).")
-    flags.DEFINE_string("checkpoint", None, "Folder of converted components (as for wm-jax run).")
-    flags.DEFINE_string("hub_repo", None, "Override the DiT's hub repo.")
-    flags.DEFINE_bool("allow_pickle", False, "Allow converting upstream .pth/.pt pickles (T5, VAE, Self-Forcing).")
-    flags.DEFINE_float("world_scale", None, "Camera translation scale (default 1.2712).")
-    flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "auto: bfloat16 on GPU, float32 on CPU.")
 
 
 def _serve_main(argv):
@@ -283,9 +279,7 @@ def _serve_main(argv):
     if jax.process_count() > 1:
         raise UsageError("wm-jax serve runs in one process (its devices may be several GPUs); drop the multi-host flags")
     slug = argv[1] if len(argv) == 2 else "tiny"
-    names = ("pixel_height", "pixel_width", "fps", "seed", "prompt", "image", "example_data", "example_idx",
-             "checkpoint", "hub_repo", "allow_pickle", "world_scale", "compute_dtype", "num_devices")
-    options = RunOptions(slug=slug, **{n: getattr(FLAGS, n) for n in names})
+    options = RunOptions(slug=slug, **{n: getattr(FLAGS, n) for n in WORLD_FLAGS})
 
     def log(line: str) -> None:
         print(f"[{__import__('time').strftime('%H:%M:%S')}] {line}", flush=True)
