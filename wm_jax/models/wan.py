@@ -444,11 +444,11 @@ class WanModel(nnx.Module):
             (`CacheLayout.visible_frames`). Not combinable with `cache`.
           shards: run as one device of a Ulysses group (inside `shard_map` over `shards.axis_name`): x,
             t, camera are whole (the same on every device); each device embeds and runs its share of
-            every frame's tokens, the cache and the returned (k, v) hold this device's N/P heads, and the
-            output is gathered whole on every device.
+            every frame's tokens, the cache and the returned (k, v) hold this device's N_pad/P heads (N
+            padded to a multiple of the P devices), and the output is gathered whole on every device.
         Returns:
           (flow [B, F, H, W, out_dim] float32, this chunk's self-attention (k, v), each
-          [layers, B, F·S, N, d] (N/P heads with `shards`), k rotated at absolute positions frame_offset + f).
+          [layers, B, F·S, N, d] (N_pad/P heads with `shards`), k rotated at absolute positions frame_offset + f).
         """
         cfg = self.config
         b, f, h, w, _ = x.shape

@@ -50,21 +50,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Host (numpy) or device values -> arrays replicated on every device of `mesh`. With several
-    processes each one fills its own devices from its copy (the copies must be identical); an array that
-    spans processes is resharded on the devices."""
-    sharding = replicated(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+def put(tree: Any, shardings: Any) -> Any:
+    """Host (numpy) or device values -> arrays in `shardings` (one sharding for every leaf, or a tree of
+    them matching `tree`). A leaf already placed so (an equivalent sharding of the same kind, so that
+    jitted programs see the shardings they were compiled for) is kept as it is. With
+    several processes each one fills its own devices from its copy of host data (the copies must be
+    identical), and an array that spans processes is resharded on the devices."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
 
-    def put(x):
+    def put_leaf(x, sharding):
+        if (isinstance(x, jax.Array) and type(x.sharding) is type(sharding)
+                and x.sharding.is_equivalent_to(sharding, x.ndim)):
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return jax.jit(lambda a: a, out_shardings=sharding)(x)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree_util.tree_map(put, tree)
+    return jax.tree_util.tree_map(put_leaf, tree, shardings)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """`put` with every leaf replicated on every device of `mesh`."""
+    return put(tree, replicated(mesh))
 
 
 def local_replica(x: jax.Array) -> jax.Array:

@@ -169,10 +169,10 @@ class WorldServer:
             self.world.controls.release_all()
             self.log(f"visitor {visitor.number} left; the world is free")
             await self._save(f"visitor {visitor.number} left")
-            await self._assign()
+            await self._assign()  # (tells the others their new place)
         else:
             self.log(f"visitor {visitor.number} left the line")
-        await self._tell_positions()
+            await self._tell_positions()
 
     async def _assign(self) -> None:
         """Gives the world to the first visitor in line when it is free; tells the others their place."""

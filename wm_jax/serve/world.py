@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,11 +134,9 @@ class LiveWorld:
         import orbax.checkpoint as ocp
 
         folder = Path(folder).absolute()
-        tmp = folder.with_name(f".{folder.name}.partial")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        tmp, old = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.old")
+        for leftover in (tmp, old):
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / "arrays", self._device_state())
@@ -149,10 +148,9 @@ class LiveWorld:
                                          else s.camera.previous_pose.tolist())}
         (tmp / "world.json").write_text(json.dumps(meta, indent=1) + "\n")
         if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
+            folder.rename(old)  # the previous save stays on disk until the new one is in place
         tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
 
     def restore(self, folder: str | Path) -> None:
         """Continues a saved world exactly where it stopped (the same recipe and plan)."""

@@ -30,7 +30,7 @@ from wm_jax.errors import OptionError
 from wm_jax.io.video import frames_to_uint8
 from wm_jax.models import camera as cam
 from wm_jax.models.wan import WanModel
-from wm_jax.parallel.mesh import local_replica, put_replicated, to_host
+from wm_jax.parallel.mesh import local_replica, to_host
 from wm_jax.streaming import memory
 from wm_jax.streaming.decoders import Decoder
 from wm_jax.streaming.plan import RolloutPlan
@@ -113,7 +113,7 @@ class WorldRollout:
             if image.shape[:2] != (plan.pixel_height, plan.pixel_width):
                 raise ValueError(f"image is {image.shape[:2]}, expected {(plan.pixel_height, plan.pixel_width)} "
                                  "(resize before starting)")
-        whole = lambda tree: put_replicated(tree, plan.mesh)
+        whole = self.step.whole
         with self._explain_oom("allocating the KV cache, cross-attention K/V and decoder/encoder state"):
             cache, decoder_state, encoder_cache, cross_kv = jax.block_until_ready((
                 self.step.init_cache(),
@@ -161,7 +161,7 @@ class WorldRollout:
         with self._explain_oom("encoding the conditioning"):
             inputs = sync(self._conditioning(latent_poses))
         t1 = time.perf_counter()
-        noise = (self._noise(put_replicated(np.int32(s.chunk_index), self.plan.mesh)) if noise is None
+        noise = (self._noise(self.step.whole(np.int32(s.chunk_index))) if noise is None
                  else self.step.whole(np.asarray(noise, self.noise_dtype)))
         if self._denoise is None:
             with self._explain_oom("compiling the denoise/commit programs"):

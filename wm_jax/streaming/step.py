@@ -29,10 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from wm_jax.models.wan import WanModel
-from wm_jax.parallel.mesh import put_replicated, replicated
+from wm_jax.parallel.mesh import put, replicated
 from wm_jax.parallel.sharding import CROSS_KV_AXES, KV_CACHE_AXES, LATENT_AXES, NOISE_AXES, param_shardings
 from wm_jax.streaming.kv_cache import KVCache, commit
 from wm_jax.streaming.plan import RolloutPlan
@@ -81,7 +80,7 @@ class StreamingStep:
         self.compute_dtype = model.compute_dtype
         mesh, rules = plan.mesh, plan.rules
         self.param_shardings = param_shardings(params, rules, mesh)
-        self.params = _place(params, self.param_shardings)
+        self.params = put(params, self.param_shardings)
         self.cache_sharding = KVCache(k=rules.sharding(mesh, KV_CACHE_AXES), v=rules.sharding(mesh, KV_CACHE_AXES),
                                       committed_frames=replicated(mesh))
         self.cross_kv_sharding = rules.sharding(mesh, CROSS_KV_AXES)
@@ -115,9 +114,7 @@ class StreamingStep:
 
     def whole(self, tree):
         """Host or device values -> replicated on the plan's mesh (inputs of denoise / commit)."""
-        return jax.tree_util.tree_map(
-            lambda x: x if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(self.replicated, x.ndim)
-            else put_replicated(x, self.plan.mesh), tree)
+        return put(tree, self.replicated)
 
     def _compute_cross_kv(self, params, text, image_tokens):
         model = nnx.merge(self.graphdef, params)
@@ -152,12 +149,3 @@ class StreamingStep:
         _, (k, v) = self._forward(params, x0, jnp.zeros((), jnp.float32), cross_kv, inputs, cache)
         return commit(cache, self.layout, k, v)
 
-
-def _place(tree, shardings):
-    """Puts every leaf in its sharding unless it is there already (restored / created sharded)."""
-    def put(x, sharding: NamedSharding):
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
-            return x
-        return jax.device_put(x, sharding)
-
-    return jax.tree_util.tree_map(put, tree, shardings)
