@@ -3,9 +3,11 @@
 Layers, top to bottom (a module may import its own package and the layers below it):
 
     wm_jax (package root), wm_jax.cli > wm_jax.serve > wm_jax.parity > wm_jax.streaming > converters
-    > wm_jax.models > wm_jax.parallel > wm_jax.kernels > wm_jax.io > wm_jax.errors
+    > wm_jax.models > wm_jax.parallel > wm_jax.kernels > wm_jax.worlds > wm_jax.io > wm_jax.errors
 
 parity runs our implementation on golden cases, so it may use streaming; streaming never imports parity.
+worlds (the procedural training world and the player's motion) sits just above io: serve's live controls
+use its motion model, and it never imports models, streaming or serve.
 Every import counts, including those inside functions; cycles are checked among module-level imports.
 
 Library code names options as `{name}` placeholders (wm_jax.errors); only wm_jax/cli.py writes `--name`.
@@ -28,7 +30,7 @@ SCANNED = ("wm_jax", "converters")
 FIRST_PARTY = {"wm_jax", "converters", "configs", "tests", "benchmarks"}
 TOP = ("wm_jax", "wm_jax.cli")  # exact modules: the package root and the CLI
 LAYERS = ("wm_jax.serve", "wm_jax.parity", "wm_jax.streaming", "converters", "wm_jax.models", "wm_jax.parallel",
-          "wm_jax.kernels", "wm_jax.io", "wm_jax.errors")  # packages (or modules) with their submodules
+          "wm_jax.kernels", "wm_jax.worlds", "wm_jax.io", "wm_jax.errors")  # packages (or modules) with their submodules
 
 
 def _module_name(path: Path) -> str:

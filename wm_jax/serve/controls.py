@@ -1,5 +1,7 @@
 """Keyboard and mouse state -> one camera pose per output video frame (FlashDreams' live controls).
 
+The pose maths is `wm_jax.worlds.player.Player`'s, the motion the procedural training clips use.
+
 Poses are camera-to-world 4x4 matrices in OpenCV axes (x right, y down, z forward), starting at the
 identity. Per output frame (dt = 1 / fps):
 
@@ -18,9 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-MOVE_SPEED = 0.8  # world units per second
-TURN_SPEED_DEG = 32.0  # degrees per second, yaw and pitch
-PITCH_LIMIT_DEG = 85.0
+from wm_jax.worlds.player import MOVE_SPEED, PITCH_LIMIT_DEG, TURN_SPEED_DEG, Player
+
 KEY_ALIASES = {"arrowup": "w", "arrowdown": "s", "arrowleft": "a", "arrowright": "d"}
 AXES = {  # axis -> key -> direction
     "forward": {"w": 1, "s": -1},
@@ -38,35 +39,16 @@ def normalize_key(key: str) -> str | None:
     return key if key in KEY_AXIS else None
 
 
-def _yaw(degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
-
-
-def _pitch(degrees: float) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-
-
-def _on_ground(direction: np.ndarray) -> np.ndarray:
-    """A camera axis projected on the world xz-plane, unit length (zero when it points straight up/down)."""
-    flat = np.array([direction[0], 0.0, direction[2]])
-    norm = np.linalg.norm(flat)
-    return flat / norm if norm > 1e-9 else np.zeros(3)
-
-
 class PoseIntegrator:
-    """Integrates held keys and mouse drags into camera-to-world poses, one per output frame."""
+    """Integrates held keys and mouse drags into camera-to-world poses, one per output frame.
+
+    The motion is `wm_jax.worlds.player.Player`'s (the one the world models are trained on); its state
+    is exposed here as `rotation`, `position` and `pitch_deg`."""
 
     def __init__(self, fps: float, *, move_speed: float = MOVE_SPEED, turn_speed_deg: float = TURN_SPEED_DEG,
                  pitch_limit_deg: float = PITCH_LIMIT_DEG):
-        if fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        self.dt = 1.0 / fps
-        self.move_speed, self.turn_speed, self.pitch_limit = move_speed, turn_speed_deg, pitch_limit_deg
-        self.rotation = np.eye(3)
-        self.position = np.zeros(3)
-        self.pitch_deg = 0.0
+        self.player = Player(fps, move_speed=move_speed, turn_speed_deg=turn_speed_deg,
+                             pitch_limit_deg=pitch_limit_deg)
         self._held: dict[str, list[str]] = {axis: [] for axis in AXES}  # in press order, latest last
         self._look = np.zeros(2)  # pending mouse (yaw, pitch) degrees
 
@@ -108,9 +90,31 @@ class PoseIntegrator:
     @property
     def pose(self) -> np.ndarray:
         """The current camera-to-world pose [4, 4] float64."""
-        pose = np.eye(4)
-        pose[:3, :3], pose[:3, 3] = self.rotation, self.position
-        return pose
+        return self.player.pose
+
+    @property
+    def rotation(self) -> np.ndarray:
+        return self.player.rotation
+
+    @rotation.setter
+    def rotation(self, value: np.ndarray) -> None:
+        self.player.rotation = value
+
+    @property
+    def position(self) -> np.ndarray:
+        return self.player.position
+
+    @position.setter
+    def position(self, value: np.ndarray) -> None:
+        self.player.position = value
+
+    @property
+    def pitch_deg(self) -> float:
+        return self.player.pitch_deg
+
+    @pitch_deg.setter
+    def pitch_deg(self, value: float) -> None:
+        self.player.pitch_deg = value
 
     # -- time --------------------------------------------------------------------------------------------
 
@@ -118,19 +122,11 @@ class PoseIntegrator:
         """Moves the camera through `num_frames` output frames; returns their poses [num_frames, 4, 4]."""
         poses = np.empty((num_frames, 4, 4))
         for i in range(num_frames):
-            yaw = self.direction("yaw") * self.turn_speed * self.dt
-            pitch = self.direction("pitch") * self.turn_speed * self.dt
+            look_yaw, look_pitch = self._look if i == 0 else (0.0, 0.0)
+            poses[i] = self.player.step(self.direction("forward"), self.direction("strafe"), self.direction("yaw"),
+                                        self.direction("pitch"), look_yaw_deg=look_yaw, look_pitch_deg=look_pitch)
             if i == 0:
-                yaw, pitch = yaw + self._look[0], pitch + self._look[1]
-                self._look[:] = 0.0
-            self.rotation = _yaw(yaw) @ self.rotation
-            if abs(self.pitch_deg + pitch) <= self.pitch_limit:
-                self.rotation = self.rotation @ _pitch(pitch)
-                self.pitch_deg += pitch
-            step = self.move_speed * self.dt
-            self.position = (self.position + self.direction("forward") * step * _on_ground(self.rotation[:, 2])
-                             + self.direction("strafe") * step * _on_ground(self.rotation[:, 0]))
-            poses[i] = self.pose
+                self._look = np.zeros(2)
         return poses
 
 
