@@ -17,16 +17,20 @@ def fail_download(*args, **kwargs):
 
 def test_shipped_example_loads_and_is_valid():
     ex = load_example(SHIPPED_EXAMPLE)
-    assert ex.image.dtype == np.uint8 and ex.image.shape == (60, 104, 3)
-    assert ex.poses.shape == (33, 4, 4) and ex.poses.dtype == np.float32
-    assert ex.intrinsics.shape == (33, 4) and ex.intrinsics.dtype == np.float32
+    assert ex.image.dtype == np.uint8 and ex.image.shape == (64, 112, 3)
+    assert ex.poses.shape == (57, 4, 4) and ex.poses.dtype == np.float32
+    assert ex.intrinsics.shape == (57, 4) and ex.intrinsics.dtype == np.float32
     validate_trajectory(ex.poses, ex.intrinsics)
     np.testing.assert_allclose(ex.intrinsics[0], [503, 503, 416, 240])
-    assert "road" in ex.prompt
-    # Walks forward: each step moves along the camera's own forward (+z) axis.
+    assert "checkerboard" in ex.prompt
+    # Walks forward (frames 1-20), turns right on the spot (21-36), walks forward again (37-56).
     steps = np.diff(ex.poses[:, :3, 3], axis=0)
-    forward = ex.poses[1:, :3, 2]
-    assert np.all(np.einsum("ij,ij->i", steps, forward) > 0.09)
+    along_view = np.einsum("ij,ij->i", steps, ex.poses[1:, :3, 2])
+    heading = np.degrees(np.arctan2(ex.poses[:, 0, 2], ex.poses[:, 2, 2]))
+    turns = np.diff(np.unwrap(heading, period=360.0))
+    assert np.all(along_view[:20] > 0.07) and np.all(along_view[36:] > 0.07)
+    np.testing.assert_allclose(steps[20:36], 0.0, atol=1e-6)
+    assert np.all(turns[20:36] > 2.5) and np.allclose(turns[:20], 0.0) and np.allclose(turns[36:], 0.0)
     assert sum(p.stat().st_size for p in SHIPPED_EXAMPLE.iterdir()) < 100_000
 
 
@@ -59,13 +63,13 @@ def test_cached_folder_is_used_without_download(tmp_path, monkeypatch):
     shutil.copytree(SHIPPED_EXAMPLE, cache / "01")
     folder = example_dir(1, cache_root=cache)
     assert folder == cache / "01"
-    assert load_example(folder).poses.shape == (33, 4, 4)
+    assert load_example(folder).poses.shape == (57, 4, 4)
 
 
 def test_download_is_copied_into_cache_atomically(tmp_path, monkeypatch):
     snapshot = tmp_path / "snapshot"
     shutil.copytree(SHIPPED_EXAMPLE, snapshot / "examples" / "05")
-    np.save(snapshot / "examples" / "05" / "action.npy", np.zeros((33, 4), np.float32))
+    np.save(snapshot / "examples" / "05" / "action.npy", np.zeros((57, 4), np.float32))
     calls = []
 
     def fake_download(repo_id, allow_patterns=None, **kwargs):

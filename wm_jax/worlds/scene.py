@@ -194,13 +194,15 @@ def object_distances(cell: Cell, x: jax.Array, y: jax.Array, z: jax.Array) -> tu
     return jnp.where(cell.kind == EMPTY, FAR_AWAY, body), jnp.where(cell.kind == TREE, trunk, FAR_AWAY)
 
 
-def _distance(seed_key: jax.Array, x: jax.Array, y: jax.Array, z: jax.Array) -> jax.Array:
-    """The conservative scene distance at world points (x, y, z) (see the module docstring)."""
+def _distances(seed_key: jax.Array, x: jax.Array, y: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """At world points (x, y, z): (the exact signed distance to the own cell's object, FAR_AWAY for none;
+    the conservative scene distance, see the module docstring)."""
     body, trunk = object_distances(cell_at(seed_key, x, z), x, y, z)
+    own = jnp.minimum(body, trunk)
     to_side = jnp.minimum(CELL_SIZE / 2 - jnp.abs(x - (jnp.floor(x * (1.0 / CELL_SIZE)) + 0.5) * CELL_SIZE),
                           CELL_SIZE / 2 - jnp.abs(z - (jnp.floor(z * (1.0 / CELL_SIZE)) + 0.5) * CELL_SIZE))
     other_cells = jnp.maximum(to_side + CELL_MARGIN, (EYE_HEIGHT - MAX_OBJECT_HEIGHT) - y)
-    return jnp.minimum(jnp.minimum(body, trunk), other_cells)
+    return own, jnp.minimum(own, other_cells)
 
 
 def distance(seed, points) -> jax.Array:
@@ -208,7 +210,7 @@ def distance(seed, points) -> jax.Array:
     ground is not an object): negative inside an object; exact below CELL_MARGIN, a lower bound above it.
     Returns float32 [...]. Jittable and vmappable (seed: int or traced int32 / uint32 scalar)."""
     points = jnp.asarray(points, jnp.float32)
-    return _distance(_seed_key(seed), points[..., 0], points[..., 1], points[..., 2])
+    return _distances(_seed_key(seed), points[..., 0], points[..., 1], points[..., 2])[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,15 +264,16 @@ def _sky(style: Style, direction: tuple) -> jax.Array:
 
 
 def _soft_shadow(seed_key: jax.Array, style: Style, points: tuple) -> jax.Array:
-    """Sunlight reaching world points (x, y, z) in [0, 1], penumbra from the closest miss along the sun ray."""
+    """Sunlight reaching world points (x, y, z) in [0, 1], penumbra from the closest miss of an object
+    along the sun ray (steps by the conservative distance, penumbra from the objects' exact distance)."""
     sun = tuple(style.sun)
 
     def step(_, carry):
         t, light = carry
-        d = _distance(seed_key, *_along(points, sun, t))
-        return t + jnp.clip(d, 0.05, 2.0), jnp.minimum(light, 8.0 * d / t)
+        objects, conservative = _distances(seed_key, *_along(points, sun, t))
+        return t + jnp.clip(conservative, 0.05, 2.0), jnp.minimum(light, 6.0 * objects / t)
 
-    start = jnp.full(points[0].shape, 0.05, jnp.float32)
+    start = jnp.full(points[0].shape, 0.1, jnp.float32)
     _, light = lax.fori_loop(0, SHADOW_STEPS, step, (start, jnp.ones_like(start)))
     return jnp.clip(light, 0.0, 1.0)
 
@@ -320,7 +323,7 @@ def render(seed, c2w, k, height: int, width: int, *, supersample: int = 2) -> ja
     limit = jnp.minimum(ground_t, FAR)
 
     def march(_, t):
-        return jnp.clip(t + _distance(seed_key, *_along(origin, direction, t)), 0.0, limit)
+        return jnp.clip(t + _distances(seed_key, *_along(origin, direction, t))[1], 0.0, limit)
 
     t = lax.fori_loop(0, MARCH_STEPS, march, jnp.zeros_like(down))
     hit = _along(origin, direction, t)
@@ -340,7 +343,7 @@ def render(seed, c2w, k, height: int, width: int, *, supersample: int = 2) -> ja
     albedo = jnp.where(hit_object[..., None], object_colour, _ground(style, ground[0], ground[2], footprint))
 
     sunlight = jnp.maximum(_dot(normal, tuple(style.sun)), 0.0)
-    sunlight = sunlight * _soft_shadow(seed_key, style, tuple(s + 0.02 * n for s, n in zip(surface, normal)))
+    sunlight = sunlight * _soft_shadow(seed_key, style, tuple(s + 0.04 * n for s, n in zip(surface, normal)))
     lit = albedo * (AMBIENT + (1.0 - AMBIENT) * sunlight)[..., None]
 
     travelled = jnp.where(hit_object, t, jnp.where(on_ground, ground_t, jnp.inf))
