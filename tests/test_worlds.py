@@ -127,7 +127,7 @@ def test_player_trajectory_is_deterministic_clear_and_player_like():
 
 def test_clear_start_has_room_and_a_free_view():
     pose = clear_start(5)
-    assert body_clearance(5, pose[None, :3, 3])[0] >= 1.0
+    assert body_clearance(5, pose[None, :3, 3])[0] >= 1.5
     ahead = pose[:3, 3] + np.arange(1, 9)[:, None] * pose[:3, 2]
     assert body_clearance(5, ahead).min() >= CLEARANCE
 

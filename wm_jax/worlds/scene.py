@@ -256,10 +256,10 @@ def _sky(style: Style, direction: tuple) -> jax.Array:
     glow = 0.3 * jnp.maximum(towards_sun, 0.0) ** 48
     sky = _mix(sky, jnp.array([1.0, 0.97, 0.85]), glow + disc)
     azimuth = jnp.arctan2(direction[0], direction[2])
-    ridge = (0.035 + 0.02 * jnp.sin(3.0 * azimuth + style.hill_phases[0])
-             + 0.012 * jnp.sin(7.0 * azimuth + style.hill_phases[1]))
+    ridge = (0.06 + 0.035 * jnp.sin(3.0 * azimuth + style.hill_phases[0])
+             + 0.018 * jnp.sin(7.0 * azimuth + style.hill_phases[1]))
     hill_cover = jnp.clip((ridge - elevation) / 0.006, 0.0, 1.0)
-    hill_colour = _mix(style.hills, style.sky_horizon, 0.55 + 4.0 * elevation)
+    hill_colour = _mix(style.hills, style.sky_horizon, 0.5 + 3.0 * elevation)
     return _mix(sky, hill_colour, hill_cover)
 
 
@@ -293,7 +293,7 @@ def _ground(style: Style, x: jax.Array, z: jax.Array, footprint: jax.Array) -> j
     """Ground albedo [..., 3] at ground points (x, z): a 1-unit checker whose contrast fades as the pixel
     `footprint` (world units on the ground) approaches a checker square."""
     square = (jnp.floor(x) + jnp.floor(z)) % 2.0
-    contrast = jnp.clip(1.4 - footprint, 0.0, 1.0)
+    contrast = jnp.clip(1.5 - 2.0 * footprint, 0.0, 1.0)  # full up to 1/4 unit per pixel, none from 3/4
     mean = 0.5 * (style.ground_light + style.ground_dark)
     return mean + ((square - 0.5) * contrast)[..., None] * (style.ground_light - style.ground_dark)
 

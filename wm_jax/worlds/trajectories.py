@@ -22,6 +22,7 @@ from wm_jax.worlds.player import MOVE_SPEED, TURN_SPEED_DEG, Player, on_ground, 
 from wm_jax.worlds.scene import EYE_HEIGHT, distance
 
 CLEARANCE = 0.4  # the walker's body never comes closer than this to an object (world units)
+LOOKAHEAD = 0.6  # the walker also keeps CLEARANCE at this distance ahead of its motion, so it turns away early
 MAX_SPEED_MULTIPLIER = 2.0  # segment speeds are 0.5x to this times the controls' speeds
 MAX_STEP = MOVE_SPEED * MAX_SPEED_MULTIPLIER  # units per second, the fastest walk (also diagonally: see below)
 MAX_TURN_DEG = TURN_SPEED_DEG * MAX_SPEED_MULTIPLIER  # degrees per second, the fastest yaw or pitch
@@ -61,15 +62,16 @@ def _start_pose(position: np.ndarray, yaw_deg: float) -> np.ndarray:
     return pose
 
 
-def clear_start(seed: int, *, view: float = 8.0, attempt: int = 0) -> np.ndarray:
-    """A level start pose [4, 4] float32 on the ground plane of world `seed` with at least 1 unit of room
+def clear_start(seed: int, *, view: float = 8.0, room: float = 1.5, attempt: int = 0) -> np.ndarray:
+    """A level start pose [4, 4] float32 on the ground plane of world `seed` with at least `room` units
     around the body and `view` units free straight ahead. Deterministic; `attempt` draws another one."""
     rng = np.random.default_rng([seed, attempt, 0x57A27])
     while True:
         position = np.array([rng.uniform(-START_AREA, START_AREA), 0.0, rng.uniform(-START_AREA, START_AREA)])
         yaw_deg = rng.uniform(-180.0, 180.0)
         forward = yaw_matrix(yaw_deg)[:, 2]
-        if body_clearance(seed, position[None])[0] >= 1.0 and _free_run(seed, position, forward[None], view)[0] >= view:
+        if (body_clearance(seed, position[None])[0] >= room
+                and _free_run(seed, position, forward[None], view)[0] >= view):
             return _start_pose(position, yaw_deg).astype(np.float32)
 
 
@@ -119,8 +121,9 @@ def player_trajectory(seed: int, num_frames: int, fps: float = 16, *, start: np.
 
     The first pose is `start` or a seed-drawn level pose on the ground plane with a random heading and
     room around it. Each frame moves at most MAX_STEP / fps units and turns at most MAX_TURN_DEG / fps
-    degrees of yaw and of pitch. When a step would bring the body within CLEARANCE of an object the
-    player stays put and the segment becomes a turn toward the freer side. Deterministic in its arguments.
+    degrees of yaw and of pitch. When a step would bring the body within CLEARANCE of an object, or
+    LOOKAHEAD ahead of it would, the player stays put and the segment becomes a turn toward the freer
+    side. Deterministic in its arguments.
     """
     rng = np.random.default_rng([seed, 0x7A1C])
     if start is None:
@@ -145,7 +148,7 @@ def player_trajectory(seed: int, num_frames: int, fps: float = 16, *, start: np.
                              (pitch_range[1] - player.pitch_deg) / pitch_per_action)
         previous = (player.rotation.copy(), player.position.copy(), player.pitch_deg)
         player.step(*actions)
-        if np.any(actions[:2]) and body_clearance(seed, player.position[None])[0] < CLEARANCE:
+        if np.any(actions[:2]) and not _may_move(seed, previous[1], player.position):
             player.rotation, player.position, player.pitch_deg = previous
             actions = _turn_away(rng, seed, player)
             frames_left = max(1, int(round(rng.uniform(0.5, 1.5) * fps)))
@@ -153,6 +156,13 @@ def player_trajectory(seed: int, num_frames: int, fps: float = 16, *, start: np.
         poses.append(player.pose)
         frames_left -= 1
     return np.stack(poses).astype(np.float32)
+
+
+def _may_move(seed: int, before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether the body keeps CLEARANCE at `after` [3] and LOOKAHEAD further along the move from `before`."""
+    move = after - before
+    ahead = after + LOOKAHEAD * move / max(np.linalg.norm(move), 1e-9)
+    return bool(body_clearance(seed, np.stack([after, ahead])).min() >= CLEARANCE)
 
 
 def _turn_away(rng: np.random.Generator, seed: int, player: Player) -> np.ndarray:
