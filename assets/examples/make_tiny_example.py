@@ -46,11 +46,12 @@ PROMPT = (
 
 def make_trajectory() -> np.ndarray:
     """[NUM_FRAMES, 4, 4] float32 c2w poses of the walk, from the first clear start of world SEED whose
-    whole walk keeps the body at least CLEARANCE from every object."""
+    walk keeps the body at least CLEARANCE from every object and ends with 6 free units ahead."""
     attempt = 0
     while True:
         poses = scripted_trajectory(WALK, fps=FPS, start=clear_start(SEED, attempt=attempt))
-        if body_clearance(SEED, poses[:, :3, 3]).min() >= CLEARANCE:
+        ahead = poses[-1, :3, 3] + np.arange(1, 7)[:, None] * poses[-1, :3, 2]
+        if body_clearance(SEED, np.concatenate([poses[:, :3, 3], ahead])).min() >= CLEARANCE:
             return poses
         attempt += 1
 

@@ -24,11 +24,12 @@ from wm_jax.worlds.scene import EYE_HEIGHT, distance
 CLEARANCE = 0.4  # the walker's body never comes closer than this to an object (world units)
 LOOKAHEAD = 0.6  # the walker also keeps CLEARANCE at this distance ahead of its motion, so it turns away early
 MAX_SPEED_MULTIPLIER = 2.0  # segment speeds are 0.5x to this times the controls' speeds
-MAX_STEP = MOVE_SPEED * MAX_SPEED_MULTIPLIER  # units per second, the fastest walk (also diagonally: see below)
+MAX_STEP = MOVE_SPEED * MAX_SPEED_MULTIPLIER  # units per second, the fastest walk (diagonal moves included)
 MAX_TURN_DEG = TURN_SPEED_DEG * MAX_SPEED_MULTIPLIER  # degrees per second, the fastest yaw or pitch
 MAX_LOOK_PITCH_DEG = 20.0  # look up / down segments stay within this pitch
 BODY_HEIGHTS = (0.0, 0.5 * EYE_HEIGHT, EYE_HEIGHT - 0.2)  # camera-relative y (down) of the body's samples
-START_AREA = 1000.0  # start positions are drawn in [-START_AREA, START_AREA]^2 of the xz-plane
+START_AREA = 100.0  # start positions are drawn in [-START_AREA, START_AREA]^2 of the xz-plane (small enough
+# that float32 world positions keep the renderer's normals smooth; each seed is another world anyway)
 SEGMENT_SECONDS = (0.5, 3.0)
 SEGMENT_KINDS = {  # kind -> relative frequency
     "forward": 0.34, "forward_turn": 0.2, "turn": 0.12, "back": 0.05, "strafe": 0.08, "look": 0.06,
@@ -40,10 +41,12 @@ _distance = jax.jit(distance)
 
 def body_clearance(seed: int, positions: np.ndarray) -> np.ndarray:
     """The distance [M] from a standing player's body (camera positions [M, 3] at y = 0, down to near the
-    ground) to the nearest object of world `seed`: the minimum over samples at BODY_HEIGHTS."""
+    ground) to the nearest object of world `seed`: the minimum over samples at BODY_HEIGHTS. Runs on the
+    CPU: these small host-side queries would only wait on an accelerator."""
     positions = np.asarray(positions, np.float32)
     samples = positions[:, None, :] + np.array([[0.0, h, 0.0] for h in BODY_HEIGHTS], np.float32)
-    return np.asarray(_distance(seed, samples)).min(axis=1)
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return np.asarray(_distance(seed, samples)).min(axis=1)
 
 
 def _free_run(seed: int, position: np.ndarray, directions: np.ndarray, reach: float) -> np.ndarray:
