@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from wm_jax.worlds.player import MOVE_SPEED, TURN_SPEED_DEG, Player, on_ground, yaw_matrix
-from wm_jax.worlds.scene import EYE_HEIGHT, distance
+from wm_jax.worlds.scene import CELL_SIZE, EYE_HEIGHT, distance
 
 CLEARANCE = 0.4  # the walker's body never comes closer than this to an object (world units)
 LOOKAHEAD = 0.6  # the walker also keeps CLEARANCE at this distance ahead of its motion, so it turns away early
@@ -30,6 +30,8 @@ MAX_LOOK_PITCH_DEG = 20.0  # look up / down segments stay within this pitch
 BODY_HEIGHTS = (0.0, 0.5 * EYE_HEIGHT, EYE_HEIGHT - 0.2)  # camera-relative y (down) of the body's samples
 START_AREA = 100.0  # start positions are drawn in [-START_AREA, START_AREA]^2 of the xz-plane (small enough
 # that float32 world positions keep the renderer's normals smooth; each seed is another world anyway)
+START_DRAWS = 10_000  # clear_start gives up after this many random poses
+MAX_ROOM = CELL_SIZE / 2  # the scene distance, a lower bound, never exceeds CELL_SIZE / 2 + CELL_MARGIN
 SEGMENT_SECONDS = (0.5, 3.0)
 SEGMENT_KINDS = {  # kind -> relative frequency
     "forward": 0.34, "forward_turn": 0.2, "turn": 0.12, "back": 0.05, "strafe": 0.08, "look": 0.06,
@@ -67,15 +69,20 @@ def _start_pose(position: np.ndarray, yaw_deg: float) -> np.ndarray:
 
 def clear_start(seed: int, *, view: float = 8.0, room: float = 1.5, attempt: int = 0) -> np.ndarray:
     """A level start pose [4, 4] float32 on the ground plane of world `seed` with at least `room` units
-    around the body and `view` units free straight ahead. Deterministic; `attempt` draws another one."""
+    around the body (at most MAX_ROOM) and `view` units free straight ahead. Deterministic; `attempt`
+    draws another one."""
+    if room > MAX_ROOM:
+        raise ValueError(f"room {room} is more than the {MAX_ROOM} units the scene distance can vouch for")
     rng = np.random.default_rng([seed, attempt, 0x57A27])
-    while True:
+    for _ in range(START_DRAWS):
         position = np.array([rng.uniform(-START_AREA, START_AREA), 0.0, rng.uniform(-START_AREA, START_AREA)])
         yaw_deg = rng.uniform(-180.0, 180.0)
         forward = yaw_matrix(yaw_deg)[:, 2]
         if (body_clearance(seed, position[None])[0] >= room
                 and _free_run(seed, position, forward[None], view)[0] >= view):
             return _start_pose(position, yaw_deg).astype(np.float32)
+    raise ValueError(f"no start with {room} units of room and {view} units of view in world {seed} after "
+                     f"{START_DRAWS} draws; ask for less")
 
 
 def scripted_trajectory(actions: Sequence[tuple[float, float, float, float, float]], fps: float = 16,
