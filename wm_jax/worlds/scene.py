@@ -99,9 +99,9 @@ class Style(NamedTuple):
 
 def world_style(seed) -> Style:
     """The `Style` of world `seed` (int or traced int32 / uint32 scalar)."""
-    u = _uniforms(_seed_key(seed), 12)
+    u = _uniforms(_seed_key(seed), 14)
     hues = u[0] + jnp.arange(PALETTE_SIZE) / PALETTE_SIZE + 0.06 * (u[1] - 0.5)
-    palette = _hsv(hues % 1.0, 0.62 + 0.2 * u[2], 0.82 + 0.12 * u[3] * jnp.ones(PALETTE_SIZE))
+    palette = _hsv(hues % 1.0, 0.62 + 0.2 * u[2], jnp.full(PALETTE_SIZE, 0.82 + 0.12 * u[3]))
     ground_hue = 0.05 + 0.35 * u[4]  # earth to grass
     ground_light = _hsv(ground_hue, 0.3 + 0.15 * u[5], 0.68)
     ground_dark = _hsv(ground_hue + 0.03, 0.35 + 0.15 * u[5], 0.42)
@@ -113,7 +113,7 @@ def world_style(seed) -> Style:
     sun_elevation = jnp.radians(28.0 + 25.0 * u[11])
     sun = jnp.stack([jnp.cos(sun_elevation) * jnp.sin(sun_azimuth), -jnp.sin(sun_elevation),
                      jnp.cos(sun_elevation) * jnp.cos(sun_azimuth)])
-    hill_phases = 2.0 * jnp.pi * jnp.stack([u[1], u[7]])
+    hill_phases = 2.0 * jnp.pi * jnp.stack([u[12], u[13]])
     return Style(palette, ground_light, ground_dark, sky_zenith, sky_horizon, hills, sun, hill_phases)
 
 
