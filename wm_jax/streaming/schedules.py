@@ -7,12 +7,17 @@ A `StepSchedule` holds, per denoising pass i: the timestep the network sees (`t`
 turn its flow into x0 (`sigma_x0`), and the σ used to re-noise x0 towards pass i+1 (`sigma_next`;
 the last entry is unused). Upstream looks σ up from t in a table, and for LingBot-Fast the integer t
 table has duplicates: x0 uses the first match and re-noising the second. Both are reproduced.
+
+A `StepSchedule` is a pytree of its three arrays, so a compiled denoise program takes it as an input
+and depends only on the number of passes. `BlockSchedules` says which schedule each generated block
+uses: Causal-Forcing++ runs a longer list on the first block only (`first`), `rest` after.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 
@@ -31,16 +36,55 @@ class StepSchedule:
         return len(self.t)
 
 
-def self_forcing_schedule(shift: float = 5.0, steps=(1000, 750, 500, 250)) -> StepSchedule:
-    """Self-Forcing / CausVid: 1000-entry warped table σ_j = warp(linspace(1, 0, 1001)[j]), t_j = 1000σ_j
-    (float); step s maps to table index 1000 − s. Default shift 5 (official CLI config); demo.py and
-    FlashDreams use 8."""
+jax.tree_util.register_dataclass(StepSchedule, data_fields=["t", "sigma_x0", "sigma_next"], meta_fields=[])
+
+
+@dataclass(frozen=True)
+class BlockSchedules:
+    """The schedule of each generated block: `first` on block 0 when given, `rest` on every other block.
+
+    Blocks count generated chunks only (an I2V image latent committed up front is not a block)."""
+
+    rest: StepSchedule
+    first: StepSchedule | None = None
+
+    def __post_init__(self):
+        first, rest = self.first, self.rest
+        if first is not None and first.num_steps == rest.num_steps and not all(
+                np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(rest))):
+            raise ValueError(f"the first block's list has as many passes ({first.num_steps}) as the other blocks' "
+                             "but other timesteps; a rollout compiles one denoise program per pass count, with "
+                             "one schedule each: give the first block a list of another length, or none")
+
+    def for_block(self, block: int) -> StepSchedule:
+        if block < 0:
+            raise ValueError(f"block {block}: generated blocks count from 0")
+        return self.first if block == 0 and self.first is not None else self.rest
+
+    @property
+    def by_passes(self) -> dict[int, StepSchedule]:
+        """Pass count -> its schedule: one compiled denoise program each."""
+        return {s.num_steps: s for s in (self.rest, self.first) if s is not None}
+
+
+def self_forcing_schedule(shift: float = 5.0, steps=(1000, 750, 500, 250), warp: bool = True) -> StepSchedule:
+    """Self-Forcing / CausVid / Causal-Forcing: 1000-entry shifted table σ_j = warp(linspace(1, 0, 1001)[j]),
+    t_j = 1000σ_j (float). Default shift 5 (Self-Forcing's and Causal-Forcing's CLI configs); demo.py,
+    FlashDreams and CausVid use 8.
+
+    warp True: step s maps to table index 1000 − s (s = 0 to the appended t = σ = 0). warp False (CausVid's
+    released 3-step model): the network sees the raw step as t, and σ is the table's σ at the entry whose
+    t is nearest (upstream's argmin lookup), for x0 and for re-noising towards the next step alike."""
     sigmas = shift_warp(np.linspace(1.0, 0.0, 1001)[:-1], shift)
-    table_t = np.concatenate([sigmas * 1000.0, [0.0]])
-    table_sigma = np.concatenate([sigmas, [0.0]])
-    index = 1000 - np.asarray(steps)
-    t = table_t[index].astype(np.float32)
-    sigma = table_sigma[index].astype(np.float32)
+    steps = np.asarray(steps, np.float64)
+    if warp:
+        index = 1000 - steps.astype(np.int64)
+        t = np.concatenate([sigmas * 1000.0, [0.0]])[index]
+        sigma = np.concatenate([sigmas, [0.0]])[index]
+    else:
+        t = steps
+        sigma = sigmas[np.abs(sigmas[None, :] * 1000.0 - steps[:, None]).argmin(axis=1)]
+    t, sigma = t.astype(np.float32), sigma.astype(np.float32)
     return StepSchedule(t=t, sigma_x0=sigma, sigma_next=np.append(sigma[1:], np.float32(0.0)))
 
 

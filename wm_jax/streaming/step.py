@@ -5,10 +5,12 @@
                   x ← (1 − σ^next_i) · x0 + σ^next_i · ε_{i+1}        (fresh noise; skipped after the last)
     emit x0;  commit: net(x0, t = 0) writes the chunk's clean K/V into the cache
 
-`StreamingStep` compiles exactly two programs per (model, schedule, plan): `denoise` (all k passes, one
-`lax.scan`) and `commit` (cache donated, updated in place). The chunk index never changes a shape: the
-RoPE offset and the valid cache length are traced values, so the growth phase and the steady state
-share both programs.
+`StreamingStep` compiles two programs per (model, plan): `denoise` (all k passes, one `lax.scan`) and
+`commit` (cache donated, updated in place). The chunk index never changes a shape: the RoPE offset and
+the valid cache length are traced values, so the growth phase and the steady state share both programs.
+The schedule (t, σ per pass) is an input of `denoise` too, so a program depends on the number of passes
+only: a recipe whose first block runs a longer list (Causal-Forcing++) compiles one denoise program per
+distinct pass count, never one per block. Called without a schedule, `denoise` runs the step's own.
 
 Both run under `shard_map` over the plan's mesh with every operand in the sharding table's placement
 (`wm_jax.parallel.sharding`): for Ulysses, weights, latents, noise and conditioning are whole on every
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from wm_jax.models.wan import WanModel
 from wm_jax.parallel.mesh import put, replicated
@@ -65,7 +68,8 @@ jax.tree_util.register_dataclass(ChunkInputs, data_fields=["y", "camera"], meta_
 
 
 class StreamingStep:
-    """Jitted denoise / commit programs for one model, schedule and rollout plan.
+    """Jitted denoise / commit programs for one model and rollout plan; `schedule` is the default of
+    `denoise(params, cache, cross_kv, noise, inputs, schedule=None)`.
 
     `params` are placed on the plan's mesh with the sharding table's shardings when the step is built
     (a no-op when they already are, e.g. restored or created there).
@@ -88,8 +92,13 @@ class StreamingStep:
         self.noise_sharding = rules.sharding(mesh, NOISE_AXES)
         specs = lambda shardings: jax.tree_util.tree_map(lambda s: s.spec, shardings)
         in_specs = (specs(self.param_shardings), specs(self.cache_sharding), self.cross_kv_sharding.spec)
-        denoise = jax.shard_map(self._denoise, mesh=mesh, out_specs=self.latent_sharding.spec, check_vma=False,
-                                in_specs=(*in_specs, self.noise_sharding.spec, self.latent_sharding.spec))
+        passes = jax.shard_map(self._denoise, mesh=mesh, out_specs=self.latent_sharding.spec, check_vma=False,
+                               in_specs=(*in_specs, self.noise_sharding.spec, self.latent_sharding.spec,
+                                         PartitionSpec()))  # the schedule: whole on every device
+
+        def denoise(params, cache, cross_kv, noise, inputs, schedule=None):
+            return passes(params, cache, cross_kv, noise, inputs, self.schedule if schedule is None else schedule)
+
         commit_ = jax.shard_map(self._commit, mesh=mesh, out_specs=specs(self.cache_sharding), check_vma=False,
                                 in_specs=(*in_specs, self.latent_sharding.spec, self.latent_sharding.spec))
         self.denoise = jax.jit(denoise, out_shardings=self.latent_sharding)
@@ -129,9 +138,12 @@ class StreamingStep:
             x, jnp.broadcast_to(t, (b, f)), cross_kv, camera=inputs.camera,
             frame_offset=cache.committed_frames, cache=cache.attention_view(self.layout), shards=self.plan.shards)
 
-    def _denoise(self, params, cache: KVCache, cross_kv, noise: Array, inputs: ChunkInputs) -> Array:
-        """noise [k, B, F, H, W, C] -> clean chunk x0 [B, F, H, W, C] (float32). The cache is only read."""
-        s = self.schedule
+    def _denoise(self, params, cache: KVCache, cross_kv, noise: Array, inputs: ChunkInputs,
+                 s: StepSchedule) -> Array:
+        """noise [k, B, F, H, W, C] -> clean chunk x0 [B, F, H, W, C] (float32), the k passes of schedule `s`.
+        The cache is only read."""
+        if noise.shape[0] != s.num_steps:
+            raise ValueError(f"noise holds {noise.shape[0]} draws for a schedule of {s.num_steps} passes")
         eps_next = jnp.roll(noise, -1, axis=0)  # pass i re-noises with draw i+1 (the last one is unused)
 
         def one_pass(x, per_pass):
