@@ -5,8 +5,11 @@ state and the camera stream. Each `next_chunk()` is one autoregressive step:
 
     conditioning (I2V latents, camera map)  ->  denoise k passes  ->  commit  ->  decode
 
-and returns the new pixel frames (9 for the first chunk, 12 after; uint8, converted on the device)
-with the milliseconds of each phase, measured with the device synchronised at the phase boundaries.
+and returns the new pixel frames (1 + 4(F − 1) for the first chunk of F latent frames, 4F after; uint8,
+converted on the device) with the milliseconds of each phase, measured with the device synchronised at
+the phase boundaries. Generated block b runs the recipe's schedule for b (`BlockSchedules`: one compiled
+denoise program per distinct pass count). With task "i2v_first_latent" the first chunk is the start
+image's VAE latent instead: encoded, committed at t = 0 and decoded, never denoised.
 
 Device memory: the rollout's buffers are estimated at construction (`wm_jax.streaming.memory`) and
 checked against the device before anything is allocated or compiled, again with XLA's measured
@@ -35,6 +38,7 @@ from wm_jax.streaming import memory
 from wm_jax.streaming.decoders import Decoder
 from wm_jax.streaming.plan import RolloutPlan
 from wm_jax.streaming.recipes import Recipe
+from wm_jax.streaming.schedules import StepSchedule
 from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise
 
 
@@ -57,6 +61,22 @@ class StepStats:
         return {"autoregressive_index": self.autoregressive_index, "encode_ms": self.encode_ms,
                 "denoise_ms": self.denoise_ms, "commit_ms": self.commit_ms, "decode_ms": self.decode_ms,
                 "total_ms_wo_finalize": self.total_ms, "num_frames": self.num_frames}
+
+
+@dataclass(frozen=True)
+class DenoisePrograms:
+    """A rollout's compiled denoise programs, one per pass count, each with its (placed) schedule; called as
+    one program `(params, cache, cross_kv, noise, inputs) -> x0`, it runs the one of noise's pass count."""
+
+    programs: dict[int, tuple[Any, StepSchedule]]
+
+    def __call__(self, params, cache, cross_kv, noise: jax.Array, inputs: ChunkInputs) -> jax.Array:
+        executable, schedule = self.programs[noise.shape[0]]
+        return executable(params, cache, cross_kv, noise, inputs, schedule)
+
+    @property
+    def executables(self) -> list[Any]:
+        return [executable for executable, _ in self.programs.values()]
 
 
 @dataclass
@@ -82,17 +102,22 @@ class WorldRollout:
 
     def __init__(self, recipe: Recipe, plan: RolloutPlan, dit: WanModel, decoder: Decoder, *, seed: int,
                  vae_encoder=None, noise_dtype=jnp.float32):
-        if recipe.task == "i2v_camera" and vae_encoder is None:
+        if recipe.encodes_image and vae_encoder is None:
             raise ValueError(f"recipe {recipe.slug} is image-to-video: it needs the Wan VAE encoder")
+        if recipe.prefix_frames != plan.prefix_frames:
+            raise ValueError(f"recipe {recipe.slug} commits {recipe.prefix_frames} given latent frame(s); the plan "
+                             f"was made for {plan.prefix_frames}")
         self.recipe = recipe
         self.plan = plan
         self.decoder = decoder
         self.vae_encoder = vae_encoder
         self.noise_dtype = noise_dtype
-        self.step = StreamingStep(dit, recipe.step_schedule(), plan)
-        num_passes, shape = self.step.schedule.num_steps, plan.chunk_shape
-        self._noise = jax.jit(lambda chunk: chunk_noise(jax.random.key(seed), chunk, num_passes, shape, noise_dtype),
-                              out_shardings=self.step.replicated)
+        self.schedules = recipe.block_schedules()
+        self.step = StreamingStep(dit, self.schedules.rest, plan)
+        shape = plan.chunk_shape
+        self._noise = jax.jit(lambda chunk, passes: chunk_noise(jax.random.key(seed), chunk, passes, shape,
+                                                                noise_dtype),
+                              static_argnums=1, out_shardings=self.step.replicated)
         self.state = RolloutState()
         self.compile_seconds = 0.0
         self.last_latents: np.ndarray | None = None
@@ -106,7 +131,7 @@ class WorldRollout:
               camera: cam.StreamingCamera | None = None) -> None:
         """Resets the world: prompt features [1, L, text_dim]; I2V image uint8 [H, W, 3]; camera stream."""
         plan = self.plan
-        if self.recipe.task == "i2v_camera":
+        if self.recipe.encodes_image:
             if image is None:
                 raise OptionError("image", f"recipe {self.recipe.slug} needs a conditioning image ({{image}} or "
                                   "{example_data})")
@@ -119,7 +144,7 @@ class WorldRollout:
                 self.step.init_cache(),
                 whole(self.decoder.init_state(plan.batch, plan.latent_height, plan.latent_width)),
                 (whole(self.vae_encoder.init_encoder_cache(plan.batch, plan.pixel_height, plan.pixel_width))
-                 if self.vae_encoder is not None else None),
+                 if self.recipe.task == "i2v_camera" else None),
                 self.step.cross_kv(text_features)))
         self.state = RolloutState(
             cache=cache, decoder_state=decoder_state, encoder_cache=encoder_cache, camera=camera, cross_kv=cross_kv,
@@ -131,7 +156,7 @@ class WorldRollout:
 
         s = self.state
         y = camera = None
-        if self.vae_encoder is not None:
+        if self.recipe.task == "i2v_camera":
             first = s.chunk_index == 0
             y, s.encoder_cache = i2v_condition_chunk(self.vae_encoder, s.encoder_cache, self.plan.chunk_frames,
                                                      image=s.image if first else None)
@@ -141,10 +166,19 @@ class WorldRollout:
             camera = self.step.whole(s.camera.next_chunk(latent_poses)[None])
         return ChunkInputs(y=y, camera=camera)
 
+    def _given_latents(self) -> jax.Array:
+        """The latents of a given chunk: the start image through the VAE encoder, [B, 1, h, w, C] float32."""
+        latents = self.vae_encoder.encode(self.state.image[:, None])
+        if latents.shape != self.plan.chunk_shape:
+            raise ValueError(f"the image encodes to latents {latents.shape}; the plan's chunk is "
+                             f"{self.plan.chunk_shape}")
+        return self.step.whole(latents.astype(jnp.float32))
+
     def next_chunk(self, latent_poses: np.ndarray | None = None, noise: np.ndarray | None = None, *,
                    float_frames: bool = False) -> tuple[np.ndarray, StepStats]:
         """One AR step. latent_poses: [chunk, 4, 4] c2w poses of this chunk's latent frames (camera recipes);
-        noise: recorded noise [k, 1, F, h, w, 16] to replay instead of the seeded draws.
+        noise: recorded noise [k, 1, F, h, w, 16] to replay instead of the seeded draws (k = the passes of
+        this block's schedule; unused for a given chunk, the I2V image latent).
 
         Returns (frames [T, H, W, 3], stats). Frames are uint8, converted on the device exactly as
         `wm_jax.io.video.to_uint8(frames, decoder.value_range)` (a 4x smaller host copy); with
@@ -157,18 +191,27 @@ class WorldRollout:
         if s.chunk_index >= self.plan.total_blocks:
             raise RuntimeError(f"the rollout was planned for {self.plan.total_blocks} chunks (total_blocks)")
         sync = jax.block_until_ready
+        block = self.plan.block_index(s.chunk_index)
         t0 = time.perf_counter()
         with self._explain_oom("encoding the conditioning"):
             inputs = sync(self._conditioning(latent_poses))
+            given = sync(self._given_latents()) if block < 0 else None
         t1 = time.perf_counter()
-        noise = (self._noise(self.step.whole(np.int32(s.chunk_index))) if noise is None
-                 else self.step.whole(np.asarray(noise, self.noise_dtype)))
+        if given is None:
+            passes = self.schedules.for_block(block).num_steps
+            if noise is not None and np.shape(noise)[0] != passes:
+                raise ValueError(f"recorded noise has {np.shape(noise)[0]} draws; block {block} runs {passes} passes")
+            noise = (self._noise(self.step.whole(np.int32(s.chunk_index)), passes) if noise is None
+                     else self.step.whole(np.asarray(noise, self.noise_dtype)))
         if self._denoise is None:
             with self._explain_oom("compiling the denoise/commit programs"):
-                self._compile(noise, inputs)
+                self._compile(None if given is not None else noise, inputs)
             t1 = time.perf_counter()
-        with self._explain_oom("denoising"):
-            x0 = sync(self._denoise(self.step.params, s.cache, s.cross_kv, noise, inputs))
+        if given is not None:
+            x0 = given
+        else:
+            with self._explain_oom("denoising"):
+                x0 = sync(self._denoise(self.step.params, s.cache, s.cross_kv, noise, inputs))
         t2 = time.perf_counter()
         with self._explain_oom("committing the chunk to the KV cache"):
             s.cache = sync(self._commit(self.step.params, s.cache, s.cross_kv, x0, inputs))
@@ -191,20 +234,31 @@ class WorldRollout:
             return to_host(frames).astype(np.float32)[0]
         return frames_to_uint8(local_replica(frames), self.decoder.value_range)[0]
 
-    def _compile(self, noise: jax.Array, inputs: ChunkInputs) -> None:
-        """Compiles the denoise and commit programs once, ahead of time, for this rollout's shapes.
+    def _compile(self, noise: jax.Array | None, inputs: ChunkInputs) -> None:
+        """Compiles, ahead of time for this rollout's shapes, one denoise program per pass count of the block
+        schedules (the schedule is an input of the program, placed once here) and the commit program.
+        `noise`: this chunk's noise (None for a given chunk); every other shape comes from the plan.
 
         Every later step calls these executables: a shape that changed would be an error, never a
         silent recompile. The memory estimate takes XLA's temporaries from them and is checked again.
         """
-        s = self.state
+        s, step = self.state, self.step
         start = time.perf_counter()
-        args = (self.step.params, s.cache, s.cross_kv, noise, inputs)
-        self._denoise = self.step.denoise.lower(*args).compile()
-        x0_spec = jax.ShapeDtypeStruct(noise.shape[1:], jnp.float32, sharding=self.step.replicated)
-        self._commit = self.step.commit.lower(self.step.params, s.cache, s.cross_kv, x0_spec, inputs).compile()
+        spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=step.replicated)
+        programs = {}
+        for passes, schedule in self.schedules.by_passes.items():
+            if noise is None or noise.shape[0] != passes:
+                self._noise(step.whole(np.int32(0)), passes)  # compiles this pass count's draws
+            example = noise if noise is not None and noise.shape[0] == passes else spec(
+                (passes, *self.plan.chunk_shape), self.noise_dtype)
+            schedule = step.whole(schedule)
+            programs[passes] = (step.denoise.lower(step.params, s.cache, s.cross_kv, example, inputs,
+                                                   schedule).compile(), schedule)
+        self._denoise = DenoisePrograms(programs)
+        x0_spec = spec(self.plan.chunk_shape, jnp.float32)
+        self._commit = step.commit.lower(step.params, s.cache, s.cross_kv, x0_spec, inputs).compile()
         self.compile_seconds = time.perf_counter() - start
-        self.memory = self.memory.with_compiled(self._denoise, self._commit)
+        self.memory = self.memory.with_compiled(*self._denoise.executables, self._commit)
         self._check_fits(self.memory.total, "not enough device memory for the compiled denoise/commit programs")
 
     # -- device memory -------------------------------------------------------------------------------
@@ -215,7 +269,7 @@ class WorldRollout:
         plan, cfg, encoder = self.plan, self.step.config, self.vae_encoder
         text = jax.ShapeDtypeStruct((1, 1, cfg.text_dim), jnp.float32)  # padded to text_len inside
         states = [jax.eval_shape(lambda: self.decoder.init_state(plan.batch, plan.latent_height, plan.latent_width))]
-        if encoder is not None:
+        if self.recipe.task == "i2v_camera":  # the streaming encoder's state (a first latent is encoded at once)
             states.append(jax.eval_shape(lambda: encoder.init_encoder_cache(plan.batch, plan.pixel_height,
                                                                             plan.pixel_width)))
         cache = jax.eval_shape(self.step.init_cache)

@@ -2,6 +2,8 @@
 
     pixels  [T_px, H, W, 3]        T_px = 1 + 4·(T − 1) for T latent frames (VAE temporal stride 4)
     latents [T, H/8, W/8, C]       C = the DiT's out_dim (16 Wan 2.1, 48 Wan 2.2 TI2V)
+    chunks  T = total_blocks · F; the first prefix_chunks chunks hold given latents (the I2V image
+            latent of Causal-Forcing), committed without denoising; blocks count the generated chunks
     tokens  S = (H/16)·(W/16) per latent frame (patch 1x2x2); a chunk is F frames = F·S tokens
     devices S padded per frame to a multiple of the device count P; S_pad / P tokens per device;
             N heads padded to a multiple of P (N_pad); N_pad / P heads of the KV cache per device
@@ -38,7 +40,10 @@ class RolloutPlan:
       pixel_height, pixel_width: video size.
       latent_height, latent_width, latent_channels: one latent frame [h, w, C] (C = DiT out_dim).
       condition_channels: channels concatenated after the noise (I2V: mask 4 + image latent 16), else 0.
-      chunk_frames: latent frames per chunk (AR step); total_blocks: chunks in the rollout.
+      chunk_frames: latent frames per chunk (AR step; 1 = frame-wise); total_blocks: chunks in the
+        rollout, given ones included.
+      prefix_frames: latent frames given up front (the I2V image latent), whole chunks at the start,
+        committed at t = 0 and never denoised.
       cache: the KV-cache layout (sink + ring, tokens per frame).
       mesh, rules: devices and the sharding table; shards: the Ulysses token split (static).
       batch: worlds generated together.
@@ -58,20 +63,32 @@ class RolloutPlan:
     shards: SequenceShards
     batch: int = 1
     vae_stride: tuple[int, int, int] = VAE_STRIDE
+    prefix_frames: int = 0
 
     @classmethod
     def create(cls, model: WanConfig, mesh: Mesh, *, pixel_height: int, pixel_width: int, chunk_frames: int,
                total_blocks: int, sink_frames: int | None, ring_frames: int, rules: ShardingRules | None = None,
-               batch: int = 1, vae_stride: tuple[int, int, int] = VAE_STRIDE) -> RolloutPlan:
+               batch: int = 1, vae_stride: tuple[int, int, int] = VAE_STRIDE, prefix_frames: int = 0
+               ) -> RolloutPlan:
         """Validates the options and derives every shape.
 
         sink_frames None keeps every frame of the rollout (a global cache: sink = all latent frames,
         no ring); else `sink_frames` first frames plus a ring of the `ring_frames` most recent ones.
+        prefix_frames: latent frames given up front (whole chunks), committed without denoising.
         """
         rules = rules or ShardingRules()
         check_resolution(pixel_height, pixel_width, vae_stride[1] * PATCH_SIZE[1])
-        if total_blocks <= 0:
-            raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks}: expected at least 1 chunk")
+        if chunk_frames <= 0:
+            raise ValueError(f"chunk_frames {chunk_frames}: expected at least 1 latent frame per chunk")
+        if prefix_frames < 0 or prefix_frames % chunk_frames:
+            raise ValueError(f"{prefix_frames} given latent frame(s) are not whole chunks of {chunk_frames} frames "
+                             "(committed up front, they take chunks of their own: use 1-frame chunks)")
+        prefix_chunks = prefix_frames // chunk_frames
+        if total_blocks <= prefix_chunks:
+            given = {0: "", 1: " (chunk 0 holds the given latents)"}.get(
+                prefix_chunks, f" (chunks 0..{prefix_chunks - 1} hold the given latents)")
+            raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks}: expected at least "
+                              f"{prefix_chunks + 1} chunk{'s' if prefix_chunks else ''}{given}")
         latent_frames = total_blocks * chunk_frames
         if latent_frames > ROPE_POSITION_LIMIT:
             raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks} needs {latent_frames} latent frames, "
@@ -99,15 +116,19 @@ class RolloutPlan:
                             model.num_heads, shards.padded_heads, 100 * (1 - model.num_heads / shards.padded_heads),
                             unpadded_device_counts(model.num_heads, mesh.size))
         return cls(pixel_height, pixel_width, latent_h, latent_w, model.out_dim, model.in_dim - model.out_dim,
-                   chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride)
+                   chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride, prefix_frames)
 
     @classmethod
     def for_recipe(cls, recipe, model: WanConfig, mesh: Mesh, rules: ShardingRules | None = None) -> RolloutPlan:
         """The plan of a `Recipe` (its options already applied) for `model` on `mesh`."""
         sink_frames, ring_frames = recipe.cache_frames()
+        if recipe.prefix_frames % recipe.chunk_frames:
+            raise ValueError(f"recipe {recipe.slug}: task {recipe.task} commits the image latent as a chunk of its "
+                             f"own, which needs frame-wise chunks (chunk_frames 1, not {recipe.chunk_frames})")
         return cls.create(model, mesh, pixel_height=recipe.pixel_height, pixel_width=recipe.pixel_width,
                           chunk_frames=recipe.chunk_frames, total_blocks=recipe.total_blocks,
-                          sink_frames=sink_frames, ring_frames=ring_frames, rules=rules)
+                          sink_frames=sink_frames, ring_frames=ring_frames, rules=rules,
+                          prefix_frames=recipe.prefix_frames)
 
     # -- derived sizes ---------------------------------------------------------------------------------
 
@@ -118,6 +139,15 @@ class RolloutPlan:
     @property
     def latent_frames(self) -> int:
         return self.total_blocks * self.chunk_frames
+
+    @property
+    def prefix_chunks(self) -> int:
+        """Chunks that hold given latents (committed, never denoised) before the first generated block."""
+        return self.prefix_frames // self.chunk_frames
+
+    def block_index(self, chunk_index: int) -> int:
+        """The generated block of a chunk (its index among the denoised chunks); negative for a given one."""
+        return chunk_index - self.prefix_chunks
 
     @property
     def pixel_frames(self) -> int:
@@ -156,6 +186,7 @@ class RolloutPlan:
         return {"pixel": [self.pixel_height, self.pixel_width], "latent": [self.latent_height, self.latent_width,
                                                                           self.latent_channels],
                 "chunk_frames": self.chunk_frames, "total_blocks": self.total_blocks,
+                "prefix_frames": self.prefix_frames,
                 "tokens_per_frame": self.tokens_per_frame, "chunk_tokens": self.chunk_tokens,
                 "num_devices": self.num_devices, "padded_tokens_per_frame": self.shards.padded_tokens_per_frame,
                 "padded_heads": self.shards.padded_heads, "heads_per_device": self.shards.heads_per_shard,

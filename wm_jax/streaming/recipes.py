@@ -10,7 +10,7 @@ import dataclasses
 import importlib
 from dataclasses import dataclass, field
 
-from wm_jax.streaming.schedules import StepSchedule, lingbot_fast_schedule, self_forcing_schedule
+from wm_jax.streaming.schedules import BlockSchedules, StepSchedule, lingbot_fast_schedule, self_forcing_schedule
 
 SLUGS = {
     "tiny": "configs.tiny",
@@ -38,9 +38,16 @@ class Recipe:
     Attributes:
       slug: command-line name.
       model: WanConfig preset name (`wm_jax.models.config.PRESETS`), or a dict of WanConfig fields.
-      task: "t2v" (text only) or "i2v_camera" (LingBot: image + camera trajectory).
+      task: "t2v" (text only), "i2v_camera" (LingBot: image + camera trajectory, the image latent in
+        every chunk's conditioning channels) or "i2v_first_latent" (Causal-Forcing: a T2V network; the
+        image's latent is committed at t = 0 as latent frame 0, output as the first frame, and generation
+        continues from frame 1; frame-wise recipes only).
       schedule: "self_forcing" or "lingbot_fast"; `shift` and `steps` (Self-Forcing step list) or
-        `step_indices` (LingBot table indices) parameterise it.
+        `step_indices` (LingBot table indices) parameterise it. `warp` False feeds Self-Forcing steps
+        to the network unwarped (CausVid's 3-step model).
+      first_block_steps: the first generated block's own list, in the same terms as `steps` /
+        `step_indices` (Causal-Forcing++: 4 steps on block 0, then the short list); None = the same.
+      chunk_frames: latent frames per AR step (3 chunk-wise, 1 frame-wise).
       sink_frames / window_frames: KV cache in FlashDreams' terms: `window_frames` recent latent
         frames INCLUDING the current chunk, plus `sink_frames` never evicted; window None = keep
         every frame of the rollout.
@@ -62,6 +69,8 @@ class Recipe:
     total_blocks: int
     steps: tuple[float, ...] = (1000, 750, 500, 250)
     step_indices: tuple[int, ...] = (0, 179, 358, 679)
+    warp: bool = True
+    first_block_steps: tuple[float, ...] | None = None
     chunk_frames: int = 3
     sink_frames: int = 0
     window_frames: int | None = None
@@ -77,12 +86,28 @@ class Recipe:
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)
 
-    def step_schedule(self) -> StepSchedule:
+    def step_schedule(self, steps=None) -> StepSchedule:
+        """The schedule of `steps` (default: the recipe's list, which every block after the first runs)."""
         if self.schedule == "self_forcing":
-            return self_forcing_schedule(self.shift, self.steps)
+            return self_forcing_schedule(self.shift, self.steps if steps is None else steps, warp=self.warp)
         if self.schedule == "lingbot_fast":
-            return lingbot_fast_schedule(self.shift, self.step_indices)
+            return lingbot_fast_schedule(self.shift, self.step_indices if steps is None else steps)
         raise ValueError(f"recipe {self.slug}: unknown schedule {self.schedule!r}")
+
+    def block_schedules(self) -> BlockSchedules:
+        """The schedule of every generated block (`first_block_steps` on block 0, if set)."""
+        first = None if self.first_block_steps is None else self.step_schedule(self.first_block_steps)
+        return BlockSchedules(rest=self.step_schedule(), first=first)
+
+    @property
+    def encodes_image(self) -> bool:
+        """The run starts from an image through the Wan VAE encoder (either I2V task)."""
+        return self.task in ("i2v_camera", "i2v_first_latent")
+
+    @property
+    def prefix_frames(self) -> int:
+        """Latent frames committed up front without denoising: the image latent of "i2v_first_latent"."""
+        return 1 if self.task == "i2v_first_latent" else 0
 
     def cache_frames(self) -> tuple[int | None, int]:
         """(sink frames, ring frames) of the KV cache in `CacheLayout` terms; sink None = keep every frame.
