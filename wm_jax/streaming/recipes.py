@@ -18,6 +18,13 @@ SLUGS = {
     "self-forcing-wan2.1-t2v-1.3b-taehv": "configs.self_forcing_wan21_t2v_1_3b_taehv",
     "lingbot-world-fast": "configs.lingbot_world_fast",
     "lingbot-world-fast-taehv-window15-sink3": "configs.lingbot_world_fast_taehv_window15_sink3",
+    "causal-forcing-wan2.1-t2v-1.3b-chunkwise": "configs.causal_forcing_wan21_t2v_1_3b_chunkwise",
+    "causal-forcing-wan2.1-t2v-1.3b-framewise": "configs.causal_forcing_wan21_t2v_1_3b_framewise",
+    "causal-forcing-wan2.1-t2v-1.3b-framewise-2step": "configs.causal_forcing_wan21_t2v_1_3b_framewise_2step",
+    "causal-forcing-wan2.1-t2v-1.3b-framewise-1step": "configs.causal_forcing_wan21_t2v_1_3b_framewise_1step",
+    "causal-forcing-wan2.1-i2v-1.3b-framewise": "configs.causal_forcing_wan21_i2v_1_3b_framewise",
+    "causvid-wan2.1-t2v-1.3b": "configs.causvid_wan21_t2v_1_3b",
+    "causvid-wan2.1-t2v-1.3b-warp-4step": "configs.causvid_wan21_t2v_1_3b_warp_4step",
 }
 
 

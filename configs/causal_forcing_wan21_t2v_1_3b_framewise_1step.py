@@ -1,0 +1,12 @@
+"""Causal-Forcing++ frame-wise 1-step: block 0 runs the 4-step list, every later block one pass at
+t = 1000. Upstream `configs/causal_forcing_dmd_framewise_1step.yaml`; two denoise programs (4 and 1)."""
+
+from configs.causal_forcing_wan21_t2v_1_3b_chunkwise import dit_file
+from configs.causal_forcing_wan21_t2v_1_3b_framewise import get_config as framewise
+
+
+def get_config():
+    recipe = framewise()
+    return recipe.replace(slug="causal-forcing-wan2.1-t2v-1.3b-framewise-1step", steps=(1000,),
+                          first_block_steps=(1000, 750, 500, 250),
+                          weights={**recipe.weights, "dit": dit_file("causal-forcing++/framewise-1step.pt")})
