@@ -3,9 +3,16 @@
 Accepted layouts (all normalised to the ORIGINAL Wan key names first, then mapped by one rule table):
   * original Wan / LingBot layout: `diffusion_pytorch_model.safetensors`, or shards + `*.index.json`;
   * diffusers layout (`WanTransformer3DModel`, e.g. `Wan-AI/*-Diffusers`);
-  * Self-Forcing / CausVid / Causal-Forcing: keys prefixed `model.` (also `net.`, `_fsdp_wrapped_module.`),
-    `generator_ema` preferred over `generator`, `critic` dropped; `.pt` only with allow_pickle.
+  * Self-Forcing / CausVid / Causal-Forcing: keys prefixed `model.` (also `net.`, `_fsdp_wrapped_module.`,
+    e.g. Causal-Forcing's EMA `model._fsdp_wrapped_module.`), `generator_ema` preferred over `generator`,
+    `critic` dropped; `.pt` only with allow_pickle. Every remaining key must match a rule (upstream loads
+    with `strict=False`; a key we cannot place is an error here, never a silent miss).
 Expert folders (`high_noise_model/` + `low_noise_model/`) are converted by `convert_experts`.
+
+Causal models are trained for one number of latent frames per AR block (Causal-Forcing: frame-wise 1,
+chunk-wise 3). Where the checkpoint tells (a training config beside it with `num_frame_per_block`, or
+upstream's file naming: `framewise/...`, `chunkwise/...`, `.../framewise-2step.pt`), the manifest records
+it as `frames_per_block`, and `check_frames_per_block` refuses a recipe that streams other blocks.
 """
 
 from __future__ import annotations
@@ -180,7 +187,13 @@ def normalize_source(source: Source) -> Source:
                 return None
             return _strip_wrappers(key)
 
-        return RenamedSource(source, rename, f"{source.description} ({keep or 'model.'}-prefixed)")
+        renamed = RenamedSource(source, rename, f"{source.description} ({keep or 'model.'}-prefixed)")
+        if "patch_embedding.weight" not in set(renamed.keys()):
+            tops = sorted({k.split(".", 1)[0] for k in keys})
+            raise CheckpointError(f"{source.description}: no Wan DiT under a generator_ema, generator or model. "
+                                  f"prefix (the training entries Self-Forcing, CausVid and Causal-Forcing save); "
+                                  f"top-level keys found: {tops[:20]}")
+        return renamed
     raise CheckpointError(f"{source.description}: not a Wan DiT checkpoint (no patch_embedding.weight in any "
                           f"known layout; first keys {sorted(keys)[:6]})")
 
@@ -236,6 +249,52 @@ def _read_config_json(path: Path) -> dict[str, Any]:
     return out
 
 
+_BLOCK_FRAMES_LINE = re.compile(r"^num_frame_per_block\s*:\s*(\d+)\s*(#.*)?$", re.MULTILINE)
+# Causal-Forcing's released layout: chunkwise/causal_forcing.pt, framewise/causal_forcing.pt,
+# causal-forcing++/framewise-2step.pt (its configs: num_frame_per_block 3 chunk-wise, 1 frame-wise).
+_BLOCK_NAMES = {"framewise": 1, "chunkwise": 3}
+
+
+def training_frames_per_block(path: str | Path) -> tuple[int, str] | None:
+    """(latent frames per AR block the checkpoint at `path` was trained for, where that was read), or None.
+
+    Read from `num_frame_per_block` in a config beside the weights (config.json, or the one *.yaml
+    that sets it), else from upstream's naming of the file and its folder (`framewise`, `chunkwise`)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    found = []
+    config = folder / "config.json"
+    if config.is_file():
+        value = json.loads(config.read_text()).get("num_frame_per_block")
+        if value is not None:
+            found.append((int(value), f"num_frame_per_block in {config}"))
+    for yaml_file in sorted(folder.glob("*.y*ml")):
+        match = _BLOCK_FRAMES_LINE.search(yaml_file.read_text(errors="replace"))
+        if match:
+            found.append((int(match.group(1)), f"num_frame_per_block in {yaml_file}"))
+    if not found:
+        words = re.split(r"[^a-z0-9]+", f"{path.parent.name}/{path.stem}".lower())
+        found = [(frames, f"file name {path.parent.name}/{path.name}") for name, frames in _BLOCK_NAMES.items()
+                 if name in words]
+    return found[0] if len({frames for frames, _ in found}) == 1 else None
+
+
+def _block_words(frames: int) -> str:
+    return "frame-wise, 1 latent frame per block" if frames == 1 else f"chunk-wise, {frames} latent frames per block"
+
+
+def check_frames_per_block(folder: str | Path, chunk_frames: int, recipe: str) -> None:
+    """Raises CheckpointError when the converted DiT in `folder` records training for another number of
+    latent frames per block than `recipe` streams (`chunk_frames`); nothing when it records none."""
+    manifest = ckpt.read_manifest(folder, kind=KIND)
+    trained = manifest.get("frames_per_block")
+    if trained is not None and int(trained) != chunk_frames:
+        raise CheckpointError(
+            f"{folder}: {manifest.get('source')} is a {_block_words(int(trained))} model "
+            f"({manifest.get('frames_per_block_from')}); recipe {recipe} streams {_block_words(chunk_frames)}. "
+            f"Use a {'frame-wise' if int(trained) == 1 else 'chunk-wise'} recipe, or that recipe's checkpoint")
+
+
 def convert(source: Source, dst: str | Path, *, overwrite: bool = False, dtype: str | None = None,
             config_overrides: Mapping[str, Any] | None = None, source_path: str | Path | None = None,
             on_tensor=None) -> dict[str, Any]:
@@ -244,11 +303,14 @@ def convert(source: Source, dst: str | Path, *, overwrite: bool = False, dtype: 
     source = normalize_source(source)
     overrides = {**(_read_config_json(Path(source_path)) if source_path else {}), **(config_overrides or {})}
     cfg = config_for(source, overrides, dtype)
+    block = training_frames_per_block(source_path) if source_path else None
     with ckpt.atomic_folder(dst, overwrite) as tmp:
         report = ConversionReport(source.description)
         ckpt.write_params(tmp, iter_converted(source, RULES, expected_params(cfg), IGNORED, on_tensor, report))
         manifest = {"kind": KIND, "config": cfg.to_dict(), "source": report.source,
                     "num_tensors": report.num_tensors, "ignored_keys": report.ignored}
+        if block is not None:
+            manifest.update(frames_per_block=block[0], frames_per_block_from=block[1])
         ckpt.write_manifest(tmp, manifest)
     return manifest
 
