@@ -1,4 +1,4 @@
-"""Shared replay of the two causal rollout golden cases through `StreamingStep`."""
+"""Shared replay of the causal rollout golden cases through `StreamingStep`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import numpy as np
 
 from converters import wan_dit
 from wm_jax.io.tensor_sources import open_source
+from wm_jax.models.wan import WanModel
 from wm_jax.models.wan_vae import VAE_STRIDE
 from wm_jax.parallel.mesh import make_mesh, to_host
 from wm_jax.parity.common import model_overrides
 from wm_jax.streaming.kv_cache import upstream_cache_frames
 from wm_jax.streaming.plan import RolloutPlan
-from wm_jax.streaming.schedules import StepSchedule
+from wm_jax.streaming.schedules import BlockSchedules, StepSchedule
 from wm_jax.streaming.step import ChunkInputs, StreamingStep
 
 
@@ -56,3 +57,39 @@ def replay(case_dir: Path, config: dict, schedule: StepSchedule, context: np.nda
             chunks.append(to_host(x0))
         results[run["outputs_prefix"]] = chunks
     return results
+
+
+def replay_blocks(model: WanModel, schedules: BlockSchedules, context: np.ndarray, block_noise: list[np.ndarray],
+                  *, chunk_frames: int, sink_frames: int | None, ring_frames: int, given: np.ndarray | None = None,
+                  num_devices: int | None = None) -> list[np.ndarray]:
+    """Streams a rollout with recorded noise and per-block schedules, as `WorldRollout` does: the given
+    latents (whole chunks, e.g. an I2V image latent) are committed first without denoising, then generated
+    block b runs `schedules.for_block(b)` against the cache and is committed.
+
+    Args (channels-last, batch first): block_noise: one [k_b, B, chunk, H, W, C] per generated block (its
+    initial noise, then one draw per later pass); given: [B, n·chunk, H, W, C] or None.
+    Returns the x0 of every generated block, [B, chunk, H, W, C].
+    """
+    _, b, _, h, w, _ = block_noise[0].shape
+    prefix = 0 if given is None else given.shape[1]
+    plan = RolloutPlan.create(model.config, make_mesh(num_devices), pixel_height=h * VAE_STRIDE[1],
+                              pixel_width=w * VAE_STRIDE[2], chunk_frames=chunk_frames,
+                              total_blocks=prefix // chunk_frames + len(block_noise), sink_frames=sink_frames,
+                              ring_frames=ring_frames, batch=b, prefix_frames=prefix)
+    step = StreamingStep(model, schedules.rest, plan)
+    cache = step.init_cache(jnp.float32)
+    cross_kv = step.cross_kv(context)
+    inputs = ChunkInputs()
+    outputs = []
+    for c in range(plan.total_blocks):
+        block = plan.block_index(c)
+        if block < 0:
+            x0 = step.whole(given[:, c * chunk_frames:(c + 1) * chunk_frames])
+        else:
+            schedule = schedules.for_block(block)
+            x0 = step.denoise(step.params, cache, cross_kv, step.whole(block_noise[block]), inputs,
+                              step.whole(schedule))
+        cache = step.commit(step.params, cache, cross_kv, x0, inputs)
+        if block >= 0:
+            outputs.append(to_host(x0))
+    return outputs
