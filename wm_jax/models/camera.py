@@ -119,21 +119,25 @@ def scale_intrinsics(k: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.array([fx * width / ref_w, fy * height / ref_h, cx * width / ref_w, cy * height / ref_h])
 
 
-def ray_maps(rel_poses: np.ndarray, k: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Per-pixel [origin ‖ direction] rays [n, height, width, 6] through pixel centres (u+½, v+½)."""
+def ray_maps(rel_poses, k, height: int, width: int, xp=np):
+    """Per-pixel [origin ‖ direction] rays [n, height, width, 6] through pixel centres (u+½, v+½).
+
+    xp: the array module, numpy (float64, the engine) or jax.numpy (float32, on the device for training).
+    """
     fx, fy, cx, cy = k
-    u = np.arange(width, dtype=np.float64) + 0.5
-    v = np.arange(height, dtype=np.float64) + 0.5
-    uu, vv = np.meshgrid(u, v, indexing="xy")
-    dirs = np.stack([(uu - cx) / fx, (vv - cy) / fy, np.ones_like(uu)], axis=-1)
-    dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
-    rays_d = np.einsum("nij,hwj->nhwi", rel_poses[:, :3, :3], dirs)
-    rays_o = np.broadcast_to(rel_poses[:, None, None, :3, 3], rays_d.shape)
-    return np.concatenate([rays_o, rays_d], axis=-1)
+    dtype = xp.float64 if xp is np else xp.float32
+    u = xp.arange(width, dtype=dtype) + 0.5
+    v = xp.arange(height, dtype=dtype) + 0.5
+    uu, vv = xp.meshgrid(u, v, indexing="xy")
+    dirs = xp.stack([(uu - cx) / fx, (vv - cy) / fy, xp.ones_like(uu)], axis=-1)
+    dirs = dirs / xp.linalg.norm(dirs, axis=-1, keepdims=True)
+    rays_d = xp.einsum("nij,hwj->nhwi", rel_poses[:, :3, :3], dirs)
+    rays_o = xp.broadcast_to(rel_poses[:, None, None, :3, 3], rays_d.shape)
+    return xp.concatenate([rays_o, rays_d], axis=-1)
 
 
-def fold_pixels(rays: np.ndarray, fold: int = FOLD) -> np.ndarray:
-    """[n, H, W, C] -> [n, H/fold, W/fold, C·fold²], channel c·fold² + dy·fold + dx."""
+def fold_pixels(rays, fold: int = FOLD):
+    """[n, H, W, C] -> [n, H/fold, W/fold, C·fold²], channel c·fold² + dy·fold + dx (numpy or jax arrays)."""
     n, h, w, c = rays.shape
     x = rays.reshape(n, h // fold, fold, w // fold, fold, c)
     return x.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // fold, w // fold, c * fold * fold)

@@ -129,8 +129,9 @@ def rope_for_grid(head_dim: int, frames: int, height: int, width: int,
     """cos, sin for every token of an (F, h, w) patch grid, tokens in (f, i, j) row-major order.
 
     Args:
-      frame_offset: absolute latent index of the grid's first frame (causal chunks); may be traced; any
-        value below ROPE_POSITION_LIMIT (see `temporal_rope` for positions past upstream's 1024).
+      frame_offset: absolute latent index of the grid's first frame (causal chunks), or [frames] per-frame
+        offsets (frame f at f + frame_offset[f]); may be traced; positions below ROPE_POSITION_LIMIT (see
+        `temporal_rope` for positions past upstream's 1024).
     Returns:
       (cos, sin), each [F·h·w, head_dim/2] float32; pair k of a token uses column k.
     """

@@ -415,7 +415,8 @@ class WanModel(nnx.Module):
           image_tokens: Wan2.1 I2V CLIP features [B, 257, 1280].
           camera: LingBot camera map [B, F, H, W, camera_channels] (see wm_jax.models.camera); None
              skips the camera path.
-          frame_offset: absolute latent index of frame 0 (RoPE temporal position).
+          frame_offset: absolute latent index of frame 0 (RoPE temporal position); or [F] per-frame
+            offsets, frame f then sits at f + frame_offset[f] (training places chunks freely).
         Returns:
           [B, F, H, W, out_dim] float32.
         """

@@ -66,6 +66,37 @@ def build_random(recipe: Recipe, plan: RolloutPlan, seed: int, compute_dtype=jnp
                       description={"weights": f"random (seed {seed})", "text": "hashed prompt features"})
 
 
+def load_shipped(recipe: Recipe, plan: RolloutPlan, compute_dtype=jnp.float32) -> Components:
+    """The trained world shipped with the package for `recipe.shipped_weights` (`wm_jax.io.shipped`): its DiT
+    placed by the sharding table on the plan's mesh, its VAE (encoder + decoder) replicated; prompts become
+    hashed features (the world was trained to ignore them)."""
+    from wm_jax.io.checkpoint import assign_params, param_spec
+    from wm_jax.io.shipped import read_shipped
+    from wm_jax.models.wan_vae import WanVAE, WanVAEConfig
+
+    world = read_shipped(recipe.shipped_weights)
+    cfg = WanConfig.from_dict(world.component("dit")["config"])
+    if cfg != model_config(recipe):
+        raise CheckpointError(f"{world.folder}: the shipped DiT ({cfg}) is not recipe {recipe.slug}'s model "
+                              f"({model_config(recipe)}); retrain it or restore the recipe")
+    check_plan(plan, cfg, world.folder)
+    mesh, rules = plan.mesh, plan.rules
+    dit = nnx.eval_shape(lambda: WanModel(cfg, compute_dtype=compute_dtype))
+    shardings = flat_param_shardings(nnx.state(dit), rules, mesh)
+    spec = param_spec(dit)
+    assign_params(dit, world.params("dit"),
+                  put=lambda name, value: jax.device_put(value.astype(spec[name][1]), shardings[name]))
+    vae = nnx.eval_shape(lambda: WanVAE(WanVAEConfig.from_dict(world.component("vae")["config"])))
+    vae_spec = param_spec(vae)
+    assign_params(vae, world.params("vae"), put=lambda name, value: jnp.asarray(value.astype(vae_spec[name][1])))
+    vae = on_mesh(vae, mesh)
+    vae.compute_dtype = compute_dtype
+    return Components(dit=dit, decoder=wan_vae_decoder(vae), vae_encoder=vae,
+                      encode_prompt=lambda p: hashed_text_features(p, cfg.text_dim),
+                      description={"weights": f"shipped {recipe.shipped_weights} ({world.folder})",
+                                   "text": "hashed prompt features (ignored by the trained world)"})
+
+
 # ---------------------------------------------------------------------------------------------------
 # Real checkpoints.
 # ---------------------------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ class Recipe:
       world_scale: fixed camera translation scale for streaming (FlashDreams' interactive default).
       weights: component -> HubFiles for real checkpoints; empty for random-weight recipes.
       random_weights: build every component with seeded random weights (no checkpoint at all).
+      shipped_weights: name of a trained world shipped inside the package (`wm_jax/assets/<name>/`,
+        see `wm_jax.io.shipped`); used when no checkpoint folder is given.
     """
 
     slug: str
@@ -87,6 +89,7 @@ class Recipe:
     world_scale: float = 1.2712
     weights: dict[str, HubFiles] = field(default_factory=dict)
     random_weights: bool = False
+    shipped_weights: str = ""
     decoder_config: dict = field(default_factory=dict)
     vae_config: dict = field(default_factory=dict)
 
