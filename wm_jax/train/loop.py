@@ -55,7 +55,7 @@ def fit(stage: str, module: nnx.Module, loss: Callable, *, steps: int, learning_
     if start >= steps:
         nnx.update(module, params)
         manager.close()
-        return {}
+        return _last_logged(folder / "log.jsonl")
 
     @jax.jit
     def train_step(params, opt_state, step):
@@ -107,3 +107,9 @@ def fit(stage: str, module: nnx.Module, loss: Callable, *, steps: int, learning_
     manager.close()
     nnx.update(module, params)
     return logged
+
+
+def _last_logged(log_file: Path) -> dict:
+    """The last metrics line of a finished stage's log (empty when there is none)."""
+    lines = log_file.read_text().splitlines() if log_file.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
