@@ -61,13 +61,15 @@ def replay(case_dir: Path, config: dict, schedule: StepSchedule, context: np.nda
 
 def replay_blocks(model: WanModel, schedules: BlockSchedules, context: np.ndarray, block_noise: list[np.ndarray],
                   *, chunk_frames: int, sink_frames: int | None, ring_frames: int, given: np.ndarray | None = None,
-                  num_devices: int | None = None) -> list[np.ndarray]:
+                  num_devices: int | None = None, steps: dict | None = None) -> list[np.ndarray]:
     """Streams a rollout with recorded noise and per-block schedules, as `WorldRollout` does: the given
     latents (whole chunks, e.g. an I2V image latent) are committed first without denoising, then generated
     block b runs `schedules.for_block(b)` against the cache and is committed.
 
     Args (channels-last, batch first): block_noise: one [k_b, B, chunk, H, W, C] per generated block (its
     initial noise, then one draw per later pass); given: [B, n·chunk, H, W, C] or None.
+    steps: a dict the calls for one `model` share: their `StreamingStep`s by cache layout and chunk shape, so
+    rollouts that differ only in schedules, noise or given latents reuse the compiled programs.
     Returns the x0 of every generated block, [B, chunk, H, W, C].
     """
     _, b, _, h, w, _ = block_noise[0].shape
@@ -76,7 +78,9 @@ def replay_blocks(model: WanModel, schedules: BlockSchedules, context: np.ndarra
                               pixel_width=w * VAE_STRIDE[2], chunk_frames=chunk_frames,
                               total_blocks=prefix // chunk_frames + len(block_noise), sink_frames=sink_frames,
                               ring_frames=ring_frames, batch=b, prefix_frames=prefix)
-    step = StreamingStep(model, schedules.rest, plan)
+    steps = {} if steps is None else steps
+    key = (plan.cache, plan.chunk_shape, plan.num_devices)
+    step = steps[key] = steps.get(key) or StreamingStep(model, schedules.rest, plan)
     cache = step.init_cache(jnp.float32)
     cross_kv = step.cross_kv(context)
     inputs = ChunkInputs()
