@@ -8,7 +8,6 @@ stand-in hub that holds upstream-layout training checkpoints (`generator` / `gen
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
@@ -410,9 +409,6 @@ def with_shared_components(stand_in_hub, checkpoint: Path) -> Path:
     return checkpoint
 
 
-COMPONENTS_ENCODE_THE_IMAGE = "encodes_image" in inspect.getsource(components)
-
-
 def run_from_hub(recipe, stand_in_hub, tmp_path, monkeypatch, *, stream: bool, **options):
     """`recipe` from the stand-in hub into a fresh checkpoint folder (the shared umT5 and VAE linked in):
     streamed by `wm-jax run` (returns the report and the denoise pass counts compiled), or with `stream`
@@ -460,9 +456,6 @@ def test_causal_forcing_recipe_from_the_hub(slug, stream, denoise_programs, stan
     assert compiled == [denoise_programs]
 
 
-@pytest.mark.xfail(not COMPONENTS_ENCODE_THE_IMAGE, strict=True,
-                   reason="wm_jax/streaming/components.py gives the VAE encoder to i2v_camera recipes only (the change "
-                          "for recipe.encodes_image is in the issue-13 report)")
 def test_causal_forcing_i2v_recipe_from_the_hub(stand_in_hub, tmp_path, monkeypatch):
     recipe = tiny(I2V)
     hub, (report, compiled) = run_from_hub(recipe, stand_in_hub, tmp_path, monkeypatch, stream=True,
@@ -472,9 +465,6 @@ def test_causal_forcing_i2v_recipe_from_the_hub(stand_in_hub, tmp_path, monkeypa
     assert report["num_frames"] == 9 == video_frames(tmp_path / "out" / f"{I2V}.mp4")  # the image, 2 generated
 
 
-@pytest.mark.xfail("check_frames_per_block" not in inspect.getsource(components), run=False,
-                   reason="wm_jax/streaming/components.py does not call wan_dit.check_frames_per_block yet (the "
-                          "one-line change is in the issue-13 report)")
 def test_frame_wise_checkpoint_in_a_chunk_wise_run_is_refused_before_compiling(stand_in_hub, tmp_path, monkeypatch):
     recipe = tiny(CHUNKWISE)
     hub_for(stand_in_hub, {CHUNKWISE: recipe}, tmp_path, monkeypatch)

@@ -61,7 +61,7 @@ def build_random(recipe: Recipe, plan: RolloutPlan, seed: int, compute_dtype=jnp
     vae = create_sharded(lambda: WanVAE(WanVAEConfig(**recipe.vae_config), rngs=nnx.Rngs(seed + 1)),
                          lambda state: replicated_shardings(state, mesh))
     return Components(dit=dit, decoder=wan_vae_decoder(vae),
-                      vae_encoder=vae if recipe.task == "i2v_camera" else None,
+                      vae_encoder=vae if recipe.encodes_image else None,
                       encode_prompt=lambda p: hashed_text_features(p, cfg.text_dim),
                       description={"weights": f"random (seed {seed})", "text": "hashed prompt features"})
 
@@ -190,7 +190,7 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
     hubs = dict(recipe.weights)
     if dit_hub_repo:
         hubs["dit"] = HubFiles(dit_hub_repo, ("*.safetensors", "*.json"), "")
-    names = ["dit", *(["vae"] if recipe.decoder == "wan_vae" or recipe.task == "i2v_camera" else []),
+    names = ["dit", *(["vae"] if recipe.decoder == "wan_vae" or recipe.encodes_image else []),
              *(["decoder"] if recipe.decoder != "wan_vae" else []), "text_encoder"]
 
     def ensure(name: str) -> Path:
@@ -208,6 +208,7 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
     mesh, rules = plan.mesh, plan.rules
     config = dit_config(recipe, root)
     check_plan(plan, config, folder["dit"])
+    wan_dit.check_frames_per_block(folder["dit"], recipe.chunk_frames, recipe.slug)
     abstract = nnx.state(nnx.eval_shape(lambda: WanModel(config, compute_dtype=compute_dtype)))
     dit = wan_dit.load(folder["dit"], compute_dtype=compute_dtype,
                        shardings=flat_param_shardings(abstract, rules, mesh))
@@ -221,6 +222,6 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
         decoder = taehv_decoder(on_mesh(taehv_conv.load(folder["decoder"], compute_dtype=compute_dtype), mesh))
     text = load_text_encoder(folder["text_encoder"], cache_dir=text_cache_dir)
     check_compatible(recipe, dit.config, text.config.dim, root)
-    return Components(dit=dit, decoder=decoder, vae_encoder=vae if recipe.task == "i2v_camera" else None,
+    return Components(dit=dit, decoder=decoder, vae_encoder=vae if recipe.encodes_image else None,
                       encode_prompt=lambda p: np.asarray(text.encode([p])[0], np.float32)[None],
                       description={"weights": str(root), "text": "umT5"})
