@@ -36,9 +36,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST_DEVICES = 4  # simulated CPU devices of the multi-device subprocesses
 MESH_SIZES = (1, 2, 4)
 TOLERANCE = 1e-5
-# The tiny recipe's random VAE initialisation is one large XLA program that LLVM takes ~30 s to optimise
-# on a CPU (4 s unoptimised): the `wm-jax run tiny` subprocesses compile without backend optimisation.
-# Runs compared with each other always use the same flags, so this changes no comparison.
+# `wm-jax run tiny` on a CPU is mostly XLA compilation (its VAE programs above all), which takes about half
+# as long without backend optimisation: the subprocesses compile that way. Runs compared with each other
+# always use the same flags, so this changes no comparison.
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 

@@ -207,10 +207,10 @@ def tiny():
 def test_wm_jax_run_tiny_gives_the_same_latents_on_any_device_count(tiny, num_devices):
     latents, stats = tiny_outputs(*tiny[num_devices])
     reference, _ = tiny_outputs(*tiny[1])
-    assert latents.shape == (6, 8, 12, 16) and np.isfinite(latents).all()
+    assert latents.shape == (6, 8, 14, 16) and np.isfinite(latents).all()
     assert stats["num_devices"] == num_devices and stats["num_processes"] == 1
     assert stats["config"]["plan"]["num_devices"] == num_devices
-    assert len(stats["steps"]) == 2
+    assert len(stats["chunks"]) == 2
     error = relative_l2(latents, reference)
     assert error <= TOLERANCE, f"{num_devices} devices vs 1: relative L2 {error:.2e}"
     if num_devices == 4:  # tiny has 2 heads: padded on 4 devices

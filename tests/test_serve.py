@@ -181,7 +181,9 @@ def test_prompt_and_image_upload(live_server):
     assert "cut to 2000 characters" in notices[0]
     assert refused[0] == 400 and "not an image" in refused[1]["error"]
     assert accepted == 200 and stranger == 403
-    assert server.world.image.shape == (64, 96, 3) and tuple(server.world.image[32, 48]) == (200, 30, 30)
+    height, width = server.world.plan.pixel_height, server.world.plan.pixel_width
+    assert server.world.image.shape == (height, width, 3)
+    assert tuple(server.world.image[height // 2, width // 2]) == (200, 30, 30)
 
 
 def test_decode_image_refuses_oversized_uploads():

@@ -25,7 +25,9 @@ def tiny_rollout(recipe, parts, **changes) -> WorldRollout:
 
 def test_estimate_matches_the_allocated_rollout(tiny_parts):
     rollout = tiny_rollout(*tiny_parts)
-    rollout.start(tiny_parts[1].encode_prompt("a road"), image=np.zeros((64, 96, 3), np.uint8))
+    plan = rollout.plan
+    rollout.start(tiny_parts[1].encode_prompt("a road"), image=np.zeros((plan.pixel_height, plan.pixel_width, 3),
+                                                                          np.uint8))
     s, estimate = rollout.state, rollout.memory
     assert estimate.kv_cache == s.cache.k.nbytes + s.cache.v.nbytes
     assert estimate.cross_kv == memory.tree_nbytes(s.cross_kv)
