@@ -217,7 +217,7 @@ def video_frames(path: Path) -> int:
 def check_outputs(report: dict, out: Path, slug: str, frames: int) -> dict:
     stats = json.loads((out / f"stats_{slug}.json").read_text())
     assert stats["num_frames"] == report["num_frames"] == frames
-    assert [s["autoregressive_index"] for s in stats["steps"]] == [0, 1]
+    assert [c["index"] for c in stats["chunks"]] == [0, 1]
     assert stats["config"]["components"]["text"] == "umT5"
     assert stats["config"]["prompt"] == PROMPT
     assert video_frames(out / f"{slug}.mp4") == frames
@@ -306,7 +306,7 @@ def lingbot_options(tmp_path: Path, **changes) -> RunOptions:
 def test_offline_hub_fails_clearly_and_leaves_nothing(hub, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     message = (r"(?s)cannot download robbyant/lingbot-world-fast.*HF_HUB_OFFLINE is set.*"
-               r"huggingface-cli download robbyant/lingbot-world-fast --include '\*\.safetensors' --include '\*\.json'")
+               r"hf download robbyant/lingbot-world-fast --include '\*\.safetensors' --include '\*\.json'")
     with pytest.raises(HubError, match=message):
         run(lingbot_options(tmp_path))
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").iterdir())

@@ -15,6 +15,7 @@ from wm_jax.io.video import to_uint8
 from wm_jax.models import camera as cam
 from tests.conftest import plan_of
 from wm_jax.streaming.engine import WorldRollout
+from wm_jax.streaming.recipes import load_recipe
 from wm_jax.streaming.run import RunOptions, resolve
 
 
@@ -55,20 +56,46 @@ def test_rollout_compiles_once_including_ring_wraparound(tiny_parts):
 
 
 def test_cli_run_tiny_writes_video_and_stats(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "wm_jax.cli", "run", "tiny", "--output_dir", str(tmp_path),
-                           "--total_blocks", "2", "--save_latents"], capture_output=True, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out = tmp_path / "outputs"  # created by the run, when the first file is written
+    proc = subprocess.run([sys.executable, "-m", "wm_jax.cli", "run", "tiny", "--output_dir", str(out),
+                           "--total_blocks", "2", "--save_latents", "--random_weights"], capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = json.loads((tmp_path / "stats_tiny.json").read_text())
-    assert [s["autoregressive_index"] for s in stats["steps"]] == [0, 1]
-    assert stats["num_frames"] == 21 and stats["compile_seconds"] > 0
-    assert all(s["denoise_ms"] > 0 and s["decode_ms"] > 0 for s in stats["steps"])
-    assert (tmp_path / "tiny.mp4").stat().st_size > 1000
-    assert np.load(tmp_path / "latents_tiny.npy").shape == (6, 8, 12, 16)
+    stats = json.loads((out / "stats_tiny.json").read_text())
+    recipe = load_recipe("tiny")
+    frames = 9 + 12  # the first chunk decodes 1 + 2x4 frames, the next 3x4
+    assert proc.stdout.splitlines()[-1].startswith(
+        f"wrote {out / 'tiny.mp4'} ({frames} frames, {frames / recipe.fps:.1f} s of video) and {out / 'stats_tiny.json'}")
+    stages = ("loading tiny: random weights", "compiling ", "chunk 1/2: ", "chunk 2/2: ")  # and no log lines
+    assert len(proc.stderr.splitlines()) == 4, proc.stderr
+    assert all(line.startswith(stage) for line, stage in zip(proc.stderr.splitlines(), stages)), proc.stderr
+    assert [c["index"] for c in stats["chunks"]] == [0, 1] and stats["chunks_done"] == stats["chunks_planned"] == 2
+    assert stats["num_frames"] == frames and stats["video_seconds"] == frames / recipe.fps
+    assert not stats["interrupted"] and stats["video"] == str(out / "tiny.mp4")
+    for chunk in stats["chunks"]:
+        phases = [chunk[f"{name}_ms"] for name in ("encode", "denoise", "commit", "decode")]
+        assert all(ms > 0 for ms in phases) and chunk["total_ms"] == pytest.approx(sum(phases))
+    assert stats["chunks"][0]["compile_ms"] > 0
+    # every program compiles once, outside the phase timings
+    assert all(stats["compile_seconds"][p] > 0 for p in ("denoise", "commit", "encode", "decode"))
+    assert stats["compile_seconds"]["total"] == pytest.approx(sum(stats["compile_seconds"][p] for p in
+                                                                  ("denoise", "commit", "encode", "decode")))
+    steady = stats["steady_state"]
+    assert steady["from_chunk"] == 1 and steady["num_chunks"] == 1 and steady["frames_per_chunk"] == 12
+    assert steady["total_ms"] == stats["chunks"][1]["total_ms"]
+    assert steady["generated_fps"] == pytest.approx(12 / steady["total_ms"] * 1e3)
+    config = stats["config"]  # one meaning per key: no "steps" anywhere
+    assert "steps" not in stats and "steps" not in config and config["denoising_passes"] == 4
+    assert config["denoising_timesteps"] == [float(t) for t in recipe.step_schedule().t]
+    assert set(stats["keys"]) and "encode_ms" in stats["keys"]
+    assert (out / "tiny.mp4").stat().st_size > 1000
+    assert np.load(out / "latents_tiny.npy").shape == (6, recipe.pixel_height // 8, recipe.pixel_width // 8, 16)
 
 
 @pytest.mark.parametrize("changes, message", [
     (dict(pixel_height=70), "pixel_height 70: .* multiple of 16 .*use 64 or 80"),
+    (dict(pixel_width=0), "pixel_width 0: expected a positive multiple of 16"),
+    (dict(fps=0), "fps 0: expected a positive frame rate"),
     (dict(total_blocks=2_000_000), "past the 4194304 RoPE positions.*total_blocks 1398101"),
 ])
 def test_bad_run_options(changes, message):
@@ -81,4 +108,5 @@ def test_unwritable_output_dir_fails_before_compute(tmp_path):
     blocker.write_text("")
     proc = subprocess.run([sys.executable, "-m", "wm_jax.cli", "run", "tiny", "--output_dir", str(blocker / "out")],
                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 1 and "not writable" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr == f"wm-jax: error: --output_dir {blocker / 'out'}: not writable " \
+                                                   f"({blocker} is a file)\n"

@@ -200,7 +200,7 @@ def test_interrupted_conversion_leaves_nothing(state, tmp_path):
 
 def test_hub_offline_fails_clearly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HubError, match="(?s)robbyant/lingbot-world-fast.*HF_HUB_OFFLINE.*huggingface-cli download"):
+    with pytest.raises(HubError, match="(?s)robbyant/lingbot-world-fast.*HF_HUB_OFFLINE.*hf download"):
         download("robbyant/lingbot-world-fast", ["*.json"], cache_dir=str(tmp_path))
 
 

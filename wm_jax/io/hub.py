@@ -14,14 +14,16 @@ class HubError(TemplatedError, RuntimeError):
 
 
 def hub_cli_command(repo_id: str, files: Sequence[str] = (), *, include: Sequence[str] = (),
-                    local_dir: str | None = None) -> str:
-    """A `huggingface-cli download` command line to suggest in messages.
+                    local_dir: str | None = None, cache_dir: str | None = None) -> str:
+    """An `hf download` command line (the CLI huggingface_hub installs) to suggest in messages.
 
-    `--include` and `--local-dir` are the hub CLI's own flags, not wm-jax options, so they are written
-    out here rather than as `{name}` placeholders (tests/test_layering.py allows them in this function only).
+    `--include`, `--local-dir` and `--cache-dir` are the hub CLI's own flags, not wm-jax options, so they
+    are written out here rather than as `{name}` placeholders (tests/test_layering.py allows them in this
+    function only).
     """
-    words = ["huggingface-cli download", repo_id, *files, *(f"--include '{p}'" for p in include)]
-    return " ".join(words + ([f"--local-dir {local_dir}"] if local_dir else []))
+    words = ["hf download", repo_id, *files, *(f"--include '{p}'" for p in include)]
+    words += [f"--local-dir {local_dir}"] if local_dir else []
+    return " ".join(words + ([f"--cache-dir {cache_dir}"] if cache_dir else []))
 
 
 def download(repo_id: str, allow_patterns: Sequence[str] | None = None, *, cache_dir: str | None = None,
@@ -43,9 +45,9 @@ def download(repo_id: str, allow_patterns: Sequence[str] | None = None, *, cache
         raise HubError(
             f"cannot download {repo_id} (files {patterns or 'all'}): {why}.\n"
             f"If this machine is offline, download on a connected machine with\n"
-            f"  {hub_cli_command(repo_id, include=patterns or ())}\n"
-            f"and pass the local folder instead (e.g. {{src}} PATH), or copy it into the hub cache "
-            f"({cache_dir or 'HF_HOME'}).") from None
+            f"  {hub_cli_command(repo_id, include=patterns or (), cache_dir=cache_dir)}\n"
+            f"and copy the hub cache it fills ({cache_dir or 'HF_HOME, by default ~/.cache/huggingface'}) "
+            f"to this machine.") from None
     # The snapshot folder is shared by every download of this repo revision: count only the files asked for.
     root = Path(path)
     files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]

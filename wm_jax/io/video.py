@@ -13,7 +13,10 @@ the same way on a JAX device (copying only the uint8 result). A rollout can stre
 
 The file is written to a hidden temporary file in the destination folder and renamed into place
 on `close()`; if anything raises inside the `with` block (or `abort()` is called) the temporary
-file is deleted and the destination is left untouched.
+file is deleted and the destination is left untouched. To keep what was made when the user presses
+Ctrl-C, catch KeyboardInterrupt and call `close()`: the frames appended so far become a finished,
+playable file (a SIGINT arriving in the middle of `append` or `close` waits until that call has
+finished, so the stream is never cut between a frame and its packets).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Iterable
 from fractions import Fraction
@@ -221,20 +226,21 @@ class Mp4Writer:
                              f"{self._shape[0]}x{self._shape[1]}")
         if frames.shape[0] == 0:
             return
-        try:
-            if self._container is None:
-                self._start(height, width)
-            frames = np.ascontiguousarray(frames)
-            for image in frames:
-                frame = self._av.VideoFrame.from_ndarray(image, format="rgb24")
-                frame.pts = self.frames_written
-                frame.time_base = 1 / self.rate
-                for packet in self._stream.encode(frame):
-                    self._container.mux(packet)
-                self.frames_written += 1
-        except BaseException:
-            self.abort()
-            raise
+        with deferred_interrupts():  # a Ctrl-C lands after the chunk, never between a frame and its packets
+            try:
+                if self._container is None:
+                    self._start(height, width)
+                frames = np.ascontiguousarray(frames)
+                for image in frames:
+                    frame = self._av.VideoFrame.from_ndarray(image, format="rgb24")
+                    frame.pts = self.frames_written
+                    frame.time_base = 1 / self.rate
+                    for packet in self._stream.encode(frame):
+                        self._container.mux(packet)
+                    self.frames_written += 1
+            except BaseException:
+                self.abort()
+                raise
 
     def close(self) -> Path:
         """Flushes the encoder, finishes the file and renames it to `path`. Returns `path`."""
@@ -245,16 +251,17 @@ class Mp4Writer:
         if self.frames_written == 0:
             self.abort()
             raise ValueError(f"no frames were written to {self.path}; an MP4 needs at least one frame")
-        try:
-            for packet in self._stream.encode(None):
-                self._container.mux(packet)
-            self._container.close()
-            self._container = None
-            os.replace(self._tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        self._state = "closed"
+        with deferred_interrupts():
+            try:
+                for packet in self._stream.encode(None):
+                    self._container.mux(packet)
+                self._container.close()
+                self._container = None
+                os.replace(self._tmp, self.path)
+            except BaseException:
+                self.abort()
+                raise
+            self._state = "closed"
         return self.path
 
     def abort(self) -> None:
@@ -268,6 +275,28 @@ class Mp4Writer:
             self._container = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
+
+
+@contextlib.contextmanager
+def deferred_interrupts():
+    """Holds back Ctrl-C (SIGINT) until the block has finished, then raises KeyboardInterrupt.
+
+    For steps that must not be cut in half (a chunk's frames and their packets, the file's trailer, a
+    chunk and its bookkeeping). Only where Python's default SIGINT handler is installed and this is the
+    main thread; elsewhere (another thread, a custom or nested handler) the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def write_mp4(path: str | os.PathLike, frames, fps=DEFAULT_FPS) -> Path:
