@@ -137,7 +137,7 @@ def test_multihost_flags_go_together(usage_errors):
     results, seconds = usage_errors
     for name in ("address only", "no address"):
         result = results[name]
-        assert result.returncode == 1, result.describe()
+        assert result.returncode == 2, result.describe()  # a usage mistake (flags that go together), not a value
         assert "--coordinator_address, --num_processes and --process_id go together" in result.stderr, \
             result.describe()
     assert "missing --num_processes, --process_id" in results["address only"].stderr

@@ -68,7 +68,8 @@ def test_a_session_streams_frames_and_keys_turn_the_camera(live_server):
     async def session():
         async with aiohttp.ClientSession() as http:
             ws, hello = await _open(base, http)
-            assert hello["type"] == "hello" and (hello["width"], hello["height"]) == (96, 64) and hello["camera"]
+            size = (world.plan.pixel_width, world.plan.pixel_height)
+            assert hello["type"] == "hello" and (hello["width"], hello["height"]) == size and hello["camera"]
             ignored = server.ignored_messages
             for bad in ("not json", json.dumps({"type": "teleport"}), json.dumps([1, 2]),
                         json.dumps({"type": "action", "action": {"event": "keydown", "key": "x"}}),
