@@ -5,19 +5,10 @@ Upstream `configs/causal_forcing_dmd_chunkwise.yaml`: steps [1000, 750, 500, 250
 (upstream's 32760-token cache). Upstream's README loads this checkpoint's `generator` entry.
 """
 
+from configs.self_forcing_wan21_t2v_1_3b import get_config as self_forcing
 from wm_jax.streaming.recipes import HubFiles, Recipe
 
 REPO = "zhuhz22/Causal-Forcing"
-PROMPT = "A quiet forest path at dawn, mist between the trees, the camera slowly moving forward."
-
-
-def wan21_t2v_files() -> dict[str, HubFiles]:
-    """umT5 and the Wan VAE from the Wan2.1 T2V 1.3B repo, as upstream loads them."""
-    return {
-        "text_encoder": HubFiles("Wan-AI/Wan2.1-T2V-1.3B", ("models_t5_umt5-xxl-enc-bf16.pth", "google/*"),
-                                 "models_t5_umt5-xxl-enc-bf16.pth", allow_pickle=True),
-        "vae": HubFiles("Wan-AI/Wan2.1-T2V-1.3B", ("Wan2.1_VAE.pth",), "Wan2.1_VAE.pth", allow_pickle=True),
-    }
 
 
 def dit_file(path: str) -> HubFiles:
@@ -25,21 +16,7 @@ def dit_file(path: str) -> HubFiles:
 
 
 def get_config() -> Recipe:
-    return Recipe(
-        slug="causal-forcing-wan2.1-t2v-1.3b-chunkwise",
-        model="self-forcing-1.3b",
-        task="t2v",
-        schedule="self_forcing",
-        shift=5.0,
-        steps=(1000, 750, 500, 250),
-        chunk_frames=3,
-        decoder="wan_vae",
-        pixel_height=480,
-        pixel_width=832,
-        total_blocks=7,
-        sink_frames=0,
-        window_frames=21,
-        seed=42,
-        prompt=PROMPT,
-        weights={"dit": dit_file("chunkwise/causal_forcing.pt"), **wan21_t2v_files()},
-    )
+    """Self-Forcing's recipe (same model, schedule, size, cache, text encoder and VAE) with this DiT."""
+    recipe = self_forcing()
+    return recipe.replace(slug="causal-forcing-wan2.1-t2v-1.3b-chunkwise",
+                          weights={**recipe.weights, "dit": dit_file("chunkwise/causal_forcing.pt")})

@@ -5,7 +5,7 @@ steps [1000, 757, 522] fed unwarped (`warp_denoising_step: false`), σ looked up
 (the wrapper hard-codes shift 8), a t = 0 commit pass per chunk, all 21 latent frames kept.
 """
 
-from configs.causal_forcing_wan21_t2v_1_3b_chunkwise import PROMPT, wan21_t2v_files
+from configs.self_forcing_wan21_t2v_1_3b import get_config as self_forcing
 from wm_jax.streaming.recipes import HubFiles, Recipe
 
 REPO = "tianweiy/CausVid"
@@ -16,22 +16,7 @@ def dit_file(path: str) -> HubFiles:
 
 
 def get_config() -> Recipe:
-    return Recipe(
-        slug="causvid-wan2.1-t2v-1.3b",
-        model="self-forcing-1.3b",
-        task="t2v",
-        schedule="self_forcing",
-        shift=8.0,
-        steps=(1000, 757, 522),
-        warp=False,
-        chunk_frames=3,
-        decoder="wan_vae",
-        pixel_height=480,
-        pixel_width=832,
-        total_blocks=7,
-        sink_frames=0,
-        window_frames=21,
-        seed=42,
-        prompt=PROMPT,
-        weights={"dit": dit_file("autoregressive_checkpoint/model.pt"), **wan21_t2v_files()},
-    )
+    """Self-Forcing's recipe (same model, size, cache, text encoder and VAE) with CausVid's schedule and DiT."""
+    recipe = self_forcing()
+    return recipe.replace(slug="causvid-wan2.1-t2v-1.3b", shift=8.0, steps=(1000, 757, 522), warp=False,
+                          weights={**recipe.weights, "dit": dit_file("autoregressive_checkpoint/model.pt")})

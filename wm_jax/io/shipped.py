@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from wm_jax.io.checkpoint import atomic_folder
 from wm_jax.io.safetensors_io import CheckpointError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -104,9 +103,7 @@ def write_shipped(folder: str | os.PathLike, components: Mapping[str, tuple[str,
     from safetensors.numpy import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, overwrite=True) as tmp:
         entries = {}
         for name, (kind, config, params) in components.items():
             file = f"{name}.safetensors"
@@ -116,14 +113,4 @@ def write_shipped(folder: str | os.PathLike, components: Mapping[str, tuple[str,
                              "num_params": int(sum(a.size for a in arrays.values())), "dtype": np.dtype(dtype).name}
         manifest = {"format": FORMAT_VERSION, "components": entries, "training": dict(training)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
