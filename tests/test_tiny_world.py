@@ -146,3 +146,24 @@ def test_decoded_frames_stay_close_to_the_renderer(world, record_measurement):
     record_measurement(f"tiny world: PSNR against the renderer, first frame {first:.1f} dB, chunks 1-2 "
                        f"{per_chunk[0]:.1f} / {per_chunk[1]:.1f} dB")
     assert first > 22 and min(per_chunk) > 18
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_damaged_shipped_weights_are_named_with_the_restoring_command(damage, tmp_path, monkeypatch):
+    import shutil
+
+    from wm_jax.io import shipped
+    from wm_jax.io.safetensors_io import CheckpointError
+    from wm_jax.streaming.run import run
+
+    assets = tmp_path / "assets"
+    shutil.copytree(shipped.shipped_dir("tiny_world"), assets / "tiny_world")
+    weights = assets / "tiny_world" / "vae.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:-100])
+    monkeypatch.setattr(shipped, "ASSETS", assets)
+    with pytest.raises(CheckpointError, match=f"{weights}: {damage} shipped weights.*git checkout HEAD"):
+        run(RunOptions(slug="tiny", num_devices=1, output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
