@@ -113,7 +113,7 @@ def test_train_smoke_exports_resumes_and_loads(tmp_path):
     log = [json.loads(line) for line in (workdir / "world_model" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 1 and np.isfinite(log[-1]["loss"])
 
-    second = _train(workdir, export, 2, 2)  # one more step of each stage, from the checkpoints
+    second = _train(workdir, export, 1, 2)  # the finished autoencoder restored, one more world-model step
     assert second.returncode == 0, second.stderr[-3000:]
     assert "autoencoder: resumed from step 1" in second.stdout and "world_model: resumed from step 1" in second.stdout
     log = [json.loads(line) for line in (workdir / "world_model" / "log.jsonl").read_text().splitlines()]
