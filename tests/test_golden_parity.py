@@ -47,7 +47,7 @@ import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("case", ["self_forcing_rollout", "lingbot_fast_rollout", "taehv_decode",
-                                  "causal_forcing_rollout"])
+                                  "causal_forcing_rollout", "lingbot_v2_rollout"])
 def test_golden_case_within_tolerance(golden_dir, case):
     """Rollouts replay upstream's recorded noise through the streaming step (global and sink+window;
     Causal-Forcing: frame-wise, a first-block step list, an I2V first latent, a rolling window)."""
@@ -57,3 +57,33 @@ def test_golden_case_within_tolerance(golden_dir, case):
     with np.load(golden_dir / case / "outputs.npz") as golden:
         errors = compare(outputs, {k: golden[k] for k in golden.files})
     assert max(errors.values()) <= DEFAULT_TOLERANCE, errors
+
+
+def test_lingbot_v2_cache_and_schedule_match_upstream(golden_dir):
+    """LingBot v2's sink (6) is not a whole number of chunks (4): the cache layout converted from the case's
+    upstream settings attends exactly the latent frames read back from upstream's cache for every chunk, and
+    the schedule's σ for x0 / re-noising are the ones upstream used (duplicated integer t)."""
+    import json
+
+    from wm_jax.streaming.kv_cache import CacheLayout, upstream_cache_frames
+    from wm_jax.streaming.schedules import lingbot_fast_schedule
+
+    case = golden_dir / "lingbot_v2_rollout"
+    if not case.is_dir():
+        pytest.skip(f"golden case lingbot_v2_rollout not found in {golden_dir}")
+    config = json.loads((case / "config.json").read_text())
+    shapes, chunk = config["shapes"], config["generate_call"]["chunk_size"]
+    lat_f = shapes["lat_f"]
+    for name, run in config["runs"].items():
+        sink, ring = upstream_cache_frames(run["local_attn_size"], run["sink_size"], chunk)
+        layout = CacheLayout(tokens_per_frame=shapes["frame_seqlen_tokens"], sink_frames=lat_f if sink is None
+                             else sink, ring_frames=ring, chunk_frames=chunk)
+        visible = layout.visible_frames(lat_f)
+        for c, frames in enumerate(run["attended_latent_frames_per_chunk"].values()):
+            assert np.nonzero(visible[c * chunk])[0].tolist() == frames, (name, c)
+    sched = config["schedule"]
+    schedule = lingbot_fast_schedule(shift=sched["shift"], indices=tuple(sched["timesteps_index"]),
+                                     num_train_timesteps=sched["num_train_timesteps"])
+    assert schedule.t.tolist() == sched["timesteps"]
+    np.testing.assert_array_equal(schedule.sigma_x0, np.float32(sched["sigma_for_x0"]))
+    np.testing.assert_array_equal(schedule.sigma_next[:-1], np.float32(sched["sigma_for_renoise_to_next_t"]))
