@@ -18,6 +18,7 @@ SLUGS = {
     "self-forcing-wan2.1-t2v-1.3b-taehv": "configs.self_forcing_wan21_t2v_1_3b_taehv",
     "lingbot-world-fast": "configs.lingbot_world_fast",
     "lingbot-world-fast-taehv-window15-sink3": "configs.lingbot_world_fast_taehv_window15_sink3",
+    "lingbot-world-v2-fast": "configs.lingbot_world_v2_fast",
     "causal-forcing-wan2.1-t2v-1.3b-chunkwise": "configs.causal_forcing_wan21_t2v_1_3b_chunkwise",
     "causal-forcing-wan2.1-t2v-1.3b-framewise": "configs.causal_forcing_wan21_t2v_1_3b_framewise",
     "causal-forcing-wan2.1-t2v-1.3b-framewise-2step": "configs.causal_forcing_wan21_t2v_1_3b_framewise_2step",

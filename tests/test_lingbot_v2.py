@@ -1,0 +1,55 @@
+"""The `lingbot-world-v2-fast` recipe follows upstream's causal-fast settings (FAMILIES.md §4, the
+`lingbot_v2_rollout` golden case): plan, cache layout, schedule and checkpoint files."""
+
+import numpy as np
+
+from tests.conftest import plan_of
+from wm_jax.streaming.kv_cache import upstream_cache_frames
+from wm_jax.streaming.recipes import SLUGS, load_recipe
+
+SLUG = "lingbot-world-v2-fast"
+REPO = "robbyant/lingbot-world-v2-14b-causal-fast"
+
+
+def test_recipe_is_registered_with_upstream_sampling():
+    assert SLUG in SLUGS
+    recipe = load_recipe(SLUG)
+    assert (recipe.task, recipe.model, recipe.decoder, recipe.chunk_frames) == ("i2v_camera", "lingbot-world-fast",
+                                                                                "wan_vae", 4)
+    schedule = recipe.block_schedules().rest
+    assert recipe.block_schedules().first is None
+    assert schedule.t.tolist() == [999, 967, 908, 768]  # not v1's [999, 978, 947, 825]
+    np.testing.assert_allclose(schedule.sigma_x0, [0.9998999, 0.9679494, 0.9089255, 0.7689939], rtol=1e-6)
+    np.testing.assert_allclose(schedule.sigma_next[:-1], [0.9677834, 0.90859413, 0.7680442], rtol=1e-6)
+
+
+def test_plan_holds_sink_6_and_an_18_frame_upstream_window():
+    recipe = load_recipe(SLUG)
+    plan = plan_of(recipe)
+    assert (plan.pixel_height, plan.pixel_width, plan.latent_height, plan.latent_width) == (480, 832, 60, 104)
+    assert plan.cache.tokens_per_frame == 1560 and plan.chunk_frames * plan.cache.tokens_per_frame == 6240
+    assert plan.condition_channels == 20
+    # upstream --local_attn_size 18 --sink_size 6 counts the sink and the current chunk
+    assert recipe.cache_frames() == upstream_cache_frames(18, 6, 4) == (6, 8)
+    assert (plan.cache.sink_frames, plan.cache.ring_frames) == (6, 8)
+    assert plan.cache.capacity_frames + plan.chunk_frames == 18  # kv_size 18·1560 = 28080 tokens
+    frames = recipe.total_blocks * recipe.chunk_frames
+    assert frames == 88  # run_fast.sh --frame_num 361 -> 91 latent frames, trimmed to whole chunks
+    visible = plan.cache.visible_frames(frames)
+    f = np.arange(frames)
+    for c in range(recipe.total_blocks):
+        last = 4 * c + 3  # upstream: chunk c attends f <= 4c+3 with f < 6 or f > 4c+3-12
+        expected = (f <= last) & ((f < 6) | (f > last - 12))
+        for q in range(4 * c, 4 * c + 4):
+            np.testing.assert_array_equal(visible[q], expected, err_msg=f"chunk {c}")
+    # the first eviction (chunk 4) drops only frames 6 and 7, the half of chunk 1 outside the sink
+    assert np.nonzero(visible[16])[0].tolist() == [0, 1, 2, 3, 4, 5, *range(8, 20)]
+
+
+def test_weights_come_from_the_v2_repo_transformers_shards():
+    weights = load_recipe(SLUG).weights
+    assert {hub.repo for hub in weights.values()} == {REPO}
+    dit = weights["dit"]
+    assert dit.path == "transformers" and not dit.allow_pickle
+    assert set(dit.allow_patterns) == {"transformers/*.safetensors", "transformers/*.json"}
+    assert weights["vae"].path == "Wan2.1_VAE.pth" and weights["text_encoder"].path == "models_t5_umt5-xxl-enc-bf16.pth"
