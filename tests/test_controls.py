@@ -44,7 +44,7 @@ def test_pitch_is_clamped_at_85_degrees_and_walking_stays_level():
     controls.advance(FPS)
     assert pitch_of(controls.pose) == pytest.approx(32.0)
     controls.advance(5 * FPS)  # 5 more seconds would be 192 degrees: the steps past 85 are dropped
-    assert 83.0 <= pitch_of(controls.pose) <= 85.0 and controls.pitch_deg <= 85.0
+    assert 83.0 <= pitch_of(controls.pose) <= 85.0 and controls.player.pitch_deg <= 85.0
     controls.key_up("i")
     controls.key_down("w")
     poses = controls.advance(FPS)

@@ -92,30 +92,6 @@ class PoseIntegrator:
         """The current camera-to-world pose [4, 4] float64."""
         return self.player.pose
 
-    @property
-    def rotation(self) -> np.ndarray:
-        return self.player.rotation
-
-    @rotation.setter
-    def rotation(self, value: np.ndarray) -> None:
-        self.player.rotation = value
-
-    @property
-    def position(self) -> np.ndarray:
-        return self.player.position
-
-    @position.setter
-    def position(self, value: np.ndarray) -> None:
-        self.player.position = value
-
-    @property
-    def pitch_deg(self) -> float:
-        return self.player.pitch_deg
-
-    @pitch_deg.setter
-    def pitch_deg(self, value: float) -> None:
-        self.player.pitch_deg = value
-
     # -- time --------------------------------------------------------------------------------------------
 
     def advance(self, num_frames: int) -> np.ndarray:

@@ -140,10 +140,10 @@ class LiveWorld:
         tmp.mkdir(parents=True)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(tmp / "arrays", self._device_state())
-        s = self.rollout.state
+        s, player = self.rollout.state, self.controls.player
         meta = {"slug": self.recipe.slug, "chunk_index": s.chunk_index, "prompt": self.prompt,
-                "rotation": self.controls.rotation.tolist(), "position": self.controls.position.tolist(),
-                "pitch_deg": self.controls.pitch_deg,
+                "rotation": player.rotation.tolist(), "position": player.position.tolist(),
+                "pitch_deg": player.pitch_deg,
                 "camera_previous_pose": (None if s.camera is None or s.camera.previous_pose is None
                                          else s.camera.previous_pose.tolist())}
         (tmp / "world.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -173,9 +173,9 @@ class LiveWorld:
             restored = checkpointer.restore(folder / "arrays", target)
         s.cache, s.decoder_state, s.encoder_cache = restored["cache"], restored["decoder"], restored.get("encoder")
         s.chunk_index = meta["chunk_index"]
-        self.controls.rotation = np.asarray(meta["rotation"])
-        self.controls.position = np.asarray(meta["position"])
-        self.controls.pitch_deg = meta["pitch_deg"]
+        self.controls.player.rotation = np.asarray(meta["rotation"])
+        self.controls.player.position = np.asarray(meta["position"])
+        self.controls.player.pitch_deg = meta["pitch_deg"]
         if s.camera is not None and meta["camera_previous_pose"] is not None:
             s.camera.previous_pose = np.asarray(meta["camera_previous_pose"])
 
