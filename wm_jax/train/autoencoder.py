@@ -20,7 +20,7 @@ from flax import nnx
 from wm_jax.models import wan_vae
 from wm_jax.models.wan_vae import WanVAE, WanVAEConfig
 from wm_jax.train.config import AutoencoderTraining
-from wm_jax.train.data import ClipGeometry, encode_video, render_clips
+from wm_jax.train.data import ClipGeometry, render_clips
 
 
 def untrained_vae(vae_config: dict, seed: int) -> WanVAE:
@@ -48,7 +48,7 @@ def loss_fn(hparams: AutoencoderTraining, geometry: ClipGeometry, seeds: jax.Arr
     def loss(vae: WanVAE, key: jax.Array):
         clip_seeds, poses = sample_clips(key, seeds, pool, hparams.batch, num_frames)
         video = render_clips(clip_seeds, poses, geometry)
-        mu = encode_video(vae, video)
+        mu = vae.encode(video, jit=False)
         cache = vae.init_decoder_cache(video.shape[0], mu.shape[2], mu.shape[3])
         frames, _ = wan_vae.decode_chunk(vae, mu, cache, clamp=False)
         error = frames - video
@@ -75,7 +75,7 @@ def normalise_latents(vae: WanVAE, geometry: ClipGeometry, seeds: jax.Array, poo
     @jax.jit
     def moments(key):
         clip_seeds, poses = sample_clips(key, seeds, pool, batch, num_frames)
-        mu = encode_video(vae, render_clips(clip_seeds, poses, geometry))
+        mu = vae.encode(render_clips(clip_seeds, poses, geometry), jit=False)
         return jnp.mean(mu, axis=(0, 1, 2, 3)), jnp.mean(mu**2, axis=(0, 1, 2, 3))
 
     firsts, seconds = zip(*(moments(k) for k in jax.random.split(key, batches)))

@@ -37,14 +37,6 @@ class ClipGeometry:
     supersample: int
 
     @property
-    def latent_height(self) -> int:
-        return self.pixel_height // VAE_STRIDE[1]
-
-    @property
-    def latent_width(self) -> int:
-        return self.pixel_width // VAE_STRIDE[2]
-
-    @property
     def pixel_intrinsics(self) -> np.ndarray:
         return cam.scale_intrinsics(np.asarray(self.intrinsics), self.pixel_height, self.pixel_width)
 
@@ -88,20 +80,6 @@ def render_clips(world_seeds: jax.Array, poses: jax.Array, geometry: ClipGeometr
     draw = lambda seed, clip: render(seed, clip, k, geometry.pixel_height, geometry.pixel_width,
                                      supersample=geometry.supersample)
     return jax.vmap(draw)(world_seeds, poses) * 2.0 - 1.0
-
-
-def encode_video(vae, video: jax.Array) -> jax.Array:
-    """Whole-clip encode (first-chunk rule, T = 1 + 4k): [B, T, H, W, 3] -> normalised μ [B, 1 + k, h, w, z]."""
-    cache = vae.init_encoder_cache(video.shape[0], video.shape[2], video.shape[3])
-    return vae.encode_chunk(video, cache)[0]
-
-
-def i2v_conditioning(vae, first_frame: jax.Array, num_latents: int) -> jax.Array:
-    """[B, H, W, 3] -> the engine's I2V channels [B, num_latents, h, w, 20] ([mask4 | latent16] of the image
-    followed by black frames, `wm_jax.models.wan_vae.i2v_condition`)."""
-    from wm_jax.models.wan_vae import i2v_condition
-
-    return i2v_condition(vae, first_frame, num_pixel_frames(num_latents, VAE_STRIDE[0]), jit=False)
 
 
 def random_text(key: jax.Array, batch: int, max_tokens: int, width: int) -> jax.Array:

@@ -65,9 +65,8 @@ def train(config: TrainConfig, workdir: str | Path, *, export: str | Path | None
                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node()}
 
     start = time.perf_counter()
-    print_fn(f"drawing {hp_wm.pool_clips} player trajectories of {geometry.pixel_frames(num_latents)} frames")
-    world_seeds, poses = _trajectories(workdir, config.seed, hp_wm.pool_clips, geometry.pixel_frames(num_latents),
-                                       geometry.fps)
+    print_fn(f"drawing {hp_wm.pool_clips} player trajectories of {plan.pixel_frames} frames")
+    world_seeds, poses = _trajectories(workdir, config.seed, hp_wm.pool_clips, plan.pixel_frames, geometry.fps)
     pool_seeds, pool_poses = jnp.asarray(world_seeds), jnp.asarray(poses)
     summary["trajectory_seconds"] = round(time.perf_counter() - start, 1)
 
@@ -86,7 +85,7 @@ def train(config: TrainConfig, workdir: str | Path, *, export: str | Path | None
 
     start = time.perf_counter()
     print_fn(f"encoding {hp_wm.pool_clips} clips of {num_latents} latent frames")
-    pool = world_model.encode_pool(vae, poses, world_seeds, geometry, num_latents)
+    pool = world_model.encode_pool(vae, poses, world_seeds, geometry)
     pool["rel_poses"] = jnp.asarray(np.stack([latent_relative_poses(p, num_latents, geometry.chunk_frames,
                                                                     geometry.world_scale) for p in poses]))
     dit = WanModel(dit_config, rngs=nnx.Rngs(config.seed + 3))

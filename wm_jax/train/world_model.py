@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax.models.wan import WanModel
+from wm_jax.models.wan_vae import i2v_condition
 from wm_jax.streaming.kv_cache import CacheLayout
 from wm_jax.streaming.schedules import StepSchedule
 from wm_jax.train.config import WorldModelTraining
-from wm_jax.train.data import ClipGeometry, camera_maps, encode_video, i2v_conditioning, random_text, render_clips
+from wm_jax.train.data import ClipGeometry, camera_maps, random_text, render_clips
 
 TEXT_TOKENS = 64  # stand-in prompt rows per sample (at most)
 
@@ -47,7 +48,7 @@ def token_mask(frame_mask: np.ndarray, tokens_per_frame: int) -> np.ndarray:
     return np.kron(frame_mask, np.ones((tokens_per_frame, tokens_per_frame), bool))
 
 
-def encode_pool(vae, pool_poses: np.ndarray, world_seeds: np.ndarray, geometry: ClipGeometry, num_latents: int,
+def encode_pool(vae, pool_poses: np.ndarray, world_seeds: np.ndarray, geometry: ClipGeometry,
                 batch: int = 32) -> dict[str, jax.Array]:
     """Renders and encodes every clip of the pool once: {"x0": [P, L, h, w, z], "y": [P, L, h, w, 20]}
     on the device (float32). The camera poses stay with the caller."""
@@ -55,7 +56,7 @@ def encode_pool(vae, pool_poses: np.ndarray, world_seeds: np.ndarray, geometry: 
     @jax.jit
     def encode(seeds, poses):
         video = render_clips(seeds, poses, geometry)
-        return encode_video(vae, video), i2v_conditioning(vae, video[:, 0], num_latents)
+        return vae.encode(video, jit=False), i2v_condition(vae, video[:, 0], video.shape[1], jit=False)
 
     parts = [encode(jnp.asarray(world_seeds[s:s + batch]), jnp.asarray(pool_poses[s:s + batch]))
              for s in range(0, len(pool_poses), batch)]
