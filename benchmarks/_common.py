@@ -193,7 +193,7 @@ def device_memory(device=None) -> dict[str, float] | None:
 
 KERNEL_CATEGORIES = (  # first match wins
     ("collective", re.compile(r"nccl|all[-_]?to[-_]?all|all[-_]?gather|all[-_]?reduce|send|recv", re.I)),
-    ("attention", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
+    ("attention", re.compile(r"cudnn|fmha|flash|sdpa|mosaic|chunk_attention", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|sm90_|cublas|nvjet|triton_gemm|dot", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy|concatenate|dynamic[-_]slice|dynamic[-_]update", re.I)),
     ("fusion", re.compile(r"fusion|reduce|loop_|input_|elementwise|transpose|convert", re.I)),

@@ -7,16 +7,115 @@ Semantics: softmax(q kᵀ / √d) v over all keys, except that keys at positions
 are ignored (the unfilled tail of a fixed-size KV cache) and, where a dense boolean `mask [Tq, Tk]` is
 given (True = attend), masked-out keys are ignored. The streaming hot path never builds a dense mask;
 it exists for full-sequence references (block-causal with sink + window).
+
+Backends (`implementation=`):
+  xla      plain XLA, float32 logits and softmax: the reference, any device and dtype.
+  cudnn    cuDNN fused attention through jax; chunk-vs-cache via cuDNN's paged attention over the
+           stacked cache plus a log-sum-exp merge with the chunk's own attention (two kernels).
+  tokamax  tokamax's `dot_product_attention` (the package is optional); the cache is concatenated.
+  pallas   wm_jax's own Mosaic GPU kernel (`chunk_attention`): chunk-vs-cache in one kernel, cache read
+           in place (Hopper, bf16/fp16, head_dim 64/128/256); plain attention goes to the next backend.
+  auto     the fastest measured backend on the running GPU kind (`FASTEST_BY_DEVICE_KIND`), XLA on
+           the CPU.
+A backend that cannot serve a call (device, dtype, head_dim, mask) hands it to the next one in
+`FALLBACK_ORDER`, logged once with the reason; a backend whose package is missing is an error.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+from wm_jax.kernels import chunk_attention
+
+BACKENDS = ("pallas", "cudnn", "tokamax", "xla")
+FALLBACK_ORDER = BACKENDS  # a backend that cannot serve a call hands it to the next one (fastest first)
+IMPLEMENTATIONS = ("auto", *BACKENDS)
+_PACKAGES = {"tokamax": "tokamax"}
+
+# The fastest chunk-vs-cache backend per GPU kind, from benchmarks/attention.py (JSON under
+# benchmarks/results/): "auto" picks this; GPU kinds not listed get cuDNN.
+FASTEST_BY_DEVICE_KIND = {
+    "NVIDIA H200": "pallas",  # attention_h200_2026-11-30.json
+}
+
+_logged: set[str] = set()
+
+
+class BackendUnavailable(ImportError):
+    """An attention backend was asked for by name and its package is not installed."""
+
+
+def _log_once(message: str, level: int = logging.WARNING) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logging.getLogger(__name__).log(level, message)
+
+
+def default_backend() -> str:
+    """What "auto" means on this process's first device."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return "xla"
+    return FASTEST_BY_DEVICE_KIND.get(device.device_kind, "cudnn")
+
+
+def _check_installed(implementation: str) -> None:
+    package = _PACKAGES.get(implementation)
+    if package and importlib.util.find_spec(package) is None:
+        raise BackendUnavailable(f"attention backend {implementation!r} needs the package {package!r}, which is "
+                                 f"not installed (pip install {package})")
+
+
+def _unserved_reason(backend: str, q: jax.Array, *, cache_k: jax.Array | None, mask: jax.Array | None) -> str | None:
+    """Why `backend` cannot serve this call (None when it can)."""
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "xla":
+        return None
+    if not on_gpu:
+        return f"it needs a GPU (running on {jax.default_backend()})"
+    low_precision = q.dtype in (jnp.bfloat16, jnp.float16)
+    if backend == "cudnn":
+        if not low_precision:
+            return f"cuDNN takes bfloat16/float16, not {q.dtype}"
+        if q.shape[-1] > 256 or q.shape[-1] % 8:
+            return f"cuDNN takes head_dim ≤ 256 and a multiple of 8, not {q.shape[-1]}"
+        return None
+    if backend == "tokamax":
+        if importlib.util.find_spec("tokamax") is None:
+            return "the package tokamax is not installed"
+        return None if low_precision else f"tokamax's GPU kernels take bfloat16/float16, not {q.dtype}"
+    # pallas
+    if cache_k is None:
+        return "the pallas kernel serves chunk-vs-cache attention only"
+    if not chunk_attention.is_hopper(jax.devices()[0]):
+        return f"the pallas kernel is written for Hopper GPUs (compute capability 9.x), not {jax.devices()[0].device_kind}"
+    return chunk_attention.unsupported_reason(q, cache_k)
+
+
+def resolve(q: jax.Array, implementation: str = "auto", *, cache_k: jax.Array | None = None,
+            mask: jax.Array | None = None) -> str:
+    """The backend that serves this call: `implementation` ("auto" = `default_backend()`), or the first
+    backend after it in `FALLBACK_ORDER` that can serve it (logged once with the reason)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        implementation = default_backend()
+    else:
+        _check_installed(implementation)
+    for backend in FALLBACK_ORDER[FALLBACK_ORDER.index(implementation):]:
+        reason = _unserved_reason(backend, q, cache_k=cache_k, mask=mask)
+        if reason is None:
+            return backend
+        # pallas handing plain attention (cross, full-sequence) to cuDNN is the design, not news
+        routine = backend == "pallas" and cache_k is None
+        _log_once(f"attention backend {backend!r} not used for q {tuple(q.shape)} {q.dtype}: {reason}; trying the "
+                  "next", level=logging.INFO if routine else logging.WARNING)
+    raise AssertionError("xla serves every call")
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid_length: jax.Array | None = None,
@@ -35,32 +134,25 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, kv_valid_lengt
     return out.astype(q.dtype)
 
 
-def _cudnn_usable(q: jax.Array) -> bool:
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
-
-
-def _resolve(q: jax.Array, implementation: str) -> str:
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
-    if implementation == "auto":
-        return "cudnn" if _cudnn_usable(q) else "xla"
-    return implementation
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.Array | None = None,
               mask: jax.Array | None = None, implementation: str = "auto") -> jax.Array:
     """Multi-head attention, BTNH layout, optional per-batch valid key length `[B]` (int32) and optional
     dense boolean mask `[Tq, Tk]` shared by the batch and the heads (True = attend; every query needs
     at least one visible key).
 
-    implementation: "xla" (reference, any dtype/backend), "cudnn" (`jax.nn.dot_product_attention` fused
-    kernel; GPU, bf16/fp16 only; the valid length goes through `key_value_seq_lengths`, never a dense
-    mask), or "auto" (cuDNN where usable, else XLA).
+    implementation: one of `IMPLEMENTATIONS` (module doc). cuDNN takes the valid length through
+    `key_value_seq_lengths`, never as a dense mask.
     """
-    implementation = _resolve(q, implementation)
+    implementation = resolve(q, implementation, mask=mask)
     if implementation == "xla":
         return attention_reference(q, k, v, kv_valid_length, mask)
+    if implementation == "tokamax":
+        import tokamax  # noqa: PLC0415  (optional package)
+
+        return tokamax.dot_product_attention(
+            q, k, v, mask=None if mask is None else mask[None, None],
+            key_value_seq_lengths=None if kv_valid_length is None else kv_valid_length.astype(jnp.int32),
+            implementation="mosaic").astype(q.dtype)
     if kv_valid_length is not None:
         kv_valid_length = kv_valid_length.astype(jnp.int32)
     return jax.nn.dot_product_attention(
@@ -82,13 +174,16 @@ def attention_with_cache(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.
     Returns:
       [B, L, N, d] in q's dtype: unmasked softmax attention over the L own keys and the valid cache.
 
-    XLA (reference): slices the layer, concatenates [own ; cache] and runs one attention. cuDNN: attends
+    pallas: one kernel reads the chunk and the layer's valid cache in place (`chunk_attention`). XLA
+    (reference) and tokamax: slice the layer, concatenate [own ; cache], run one attention. cuDNN: attends
     to the chunk, and to the cache through cuDNN's paged attention over the stacked buffer viewed as a
     pool of `page` token blocks (a reshape, no copy), then merges the two by their log-sum-exps. On an
     H100 at 480x832 this saves the ~3.6 ms per pass that copying every layer's slice cost.
     """
-    implementation = _resolve(q, implementation)
-    if implementation == "xla" or _cudnn_internals() is None:
+    implementation = resolve(q, implementation, cache_k=cache_k)
+    if implementation == "pallas":
+        return chunk_attention.chunk_cache_attention(q, k, v, cache_k, cache_v, layer, cache_valid_length)
+    if implementation in ("xla", "tokamax") or _cudnn_internals() is None:
         b, length = q.shape[:2]
         keys = jnp.concatenate([k, cache_k[layer].astype(k.dtype)], axis=1)
         values = jnp.concatenate([v, cache_v[layer].astype(v.dtype)], axis=1)
