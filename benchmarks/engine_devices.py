@@ -8,6 +8,7 @@ count's clean latents and decoded frames, with the per-step milliseconds. Unlike
 `wm-jax run` does, without writing a video.
 
     python benchmarks/engine_devices.py --devices 1,2 --compute_dtype float32        # 2 GPUs
+    python benchmarks/engine_devices.py --devices 1,2 --attention xla,pallas --compute_dtype bfloat16
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu python benchmarks/engine_devices.py --devices 1,4
 """
 
@@ -35,9 +36,10 @@ from wm_jax.streaming.plan import RolloutPlan  # noqa: E402
 from wm_jax.streaming.recipes import load_recipe  # noqa: E402
 
 
-def stream(recipe, num_devices: int, compute_dtype) -> dict:
+def stream(recipe, num_devices: int, compute_dtype, attention: str) -> dict:
     plan = RolloutPlan.for_recipe(recipe, model_config(recipe), make_mesh(num_devices))
     parts = build_random(recipe, plan, recipe.seed, compute_dtype)
+    parts.dit.attention_impl = attention
     rollout = WorldRollout(recipe, plan, parts.dit, parts.decoder, seed=recipe.seed, vae_encoder=parts.vae_encoder)
     scene = examples.load_example(examples.SHIPPED_EXAMPLE)
     from PIL import Image
@@ -59,32 +61,34 @@ def stream(recipe, num_devices: int, compute_dtype) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slug", default="tiny", help="a random-weight recipe")
+    p.add_argument("--slug", default="tiny", help="a recipe with the Wan VAE decoder (run on seeded random weights)")
     p.add_argument("--devices", default="1,2", help="comma list of device counts; the first is the reference")
     p.add_argument("--total_blocks", type=int, default=3)
     p.add_argument("--compute_dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--attention", default="auto",
+                   help="comma list of attention backends (wm_jax.kernels.ATTENTION_IMPLEMENTATIONS); every "
+                        "(devices, backend) pair runs, the first pair is the reference")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    recipe = load_recipe(args.slug).replace(total_blocks=args.total_blocks)
-    if not recipe.random_weights:
-        p.error(f"--slug {args.slug}: a random-weight recipe is needed (checkpoints are not used here)")
+    recipe = load_recipe(args.slug).replace(total_blocks=args.total_blocks, random_weights=True)
     counts = [int(n) for n in args.devices.split(",")]
-    runs = {n: stream(recipe, n, jnp.dtype(args.compute_dtype)) for n in counts}
-    ref = runs[counts[0]]
+    pairs = [(n, a) for a in args.attention.split(",") for n in counts]
+    runs = {pair: stream(recipe, *pair[:1], jnp.dtype(args.compute_dtype), pair[1]) for pair in pairs}
+    ref = runs[pairs[0]]
     rows, report = [], []
-    for n, run in runs.items():
+    for (n, attention), run in runs.items():
         steady = [s for s in run["steps"] if s["autoregressive_index"] >= 2] or run["steps"]  # past compiles
-        entry = {"devices": n, "latents_rel_l2": rel_l2(run["latents"], ref["latents"]),
+        entry = {"devices": n, "attention": attention, "latents_rel_l2": rel_l2(run["latents"], ref["latents"]),
                  "frames_rel_l2": rel_l2(run["frames"], ref["frames"]), "compile_s": run["compile_s"],
                  "denoise_ms": statistics.median(s["denoise_ms"] for s in steady),
                  "commit_ms": statistics.median(s["commit_ms"] for s in steady),
                  "decode_ms": statistics.median(s["decode_ms"] for s in steady), "steps": run["steps"]}
         report.append(entry)
-        rows.append([n, entry["latents_rel_l2"], entry["frames_rel_l2"], entry["denoise_ms"], entry["commit_ms"],
+        rows.append([n, attention, entry["latents_rel_l2"], entry["frames_rel_l2"], entry["denoise_ms"], entry["commit_ms"],
                      entry["decode_ms"]])
     print(f"{args.slug}, {args.total_blocks} chunks, {args.compute_dtype}, {jax.devices()[0].device_kind}; "
-          f"reference: {counts[0]} device(s)")
-    print(format_table(["devices", "latents rel L2", "frames rel L2", "denoise ms", "commit ms", "decode ms"], rows))
+          f"reference: {pairs[0][0]} device(s), {pairs[0][1]} attention")
+    print(format_table(["devices", "attention", "latents rel L2", "frames rel L2", "denoise ms", "commit ms", "decode ms"], rows))
     write_json(args.json, {**run_metadata(), "benchmark": "engine_devices", "slug": args.slug,
                            "compute_dtype": args.compute_dtype, "total_blocks": args.total_blocks, "runs": report})
 

@@ -98,3 +98,67 @@ def test_cudnn_paged_cache_attention_matches_the_reference(valid):
     fast = attention_with_cache(*args, implementation="cudnn").astype(jnp.float32)
     ref = attention_with_cache(*args, implementation="xla").astype(jnp.float32)
     assert float(jnp.linalg.norm(fast - ref) / jnp.linalg.norm(ref)) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backend choice: auto per device kind, fallback with one logged reason, missing packages named.
+# ---------------------------------------------------------------------------------------------------
+
+
+class _FakeDevice:
+    def __init__(self, platform, device_kind, compute_capability=None):
+        self.platform, self.device_kind = platform, device_kind
+        if compute_capability:
+            self.compute_capability = compute_capability
+
+
+def test_auto_is_the_measured_fastest_per_gpu_kind(monkeypatch):
+    from wm_jax.kernels import attention as attn
+
+    assert attn.default_backend() == "xla"  # this CPU
+    for kind, expected in [("NVIDIA H200", "pallas"), ("Some Future GPU", "cudnn")]:
+        monkeypatch.setattr(attn.jax, "devices", lambda kind=kind: [_FakeDevice("gpu", kind, "9.0")])
+        assert attn.default_backend() == expected
+
+
+def test_named_backend_without_its_package_is_an_error(monkeypatch):
+    import importlib.util
+
+    from wm_jax.kernels import attention as attn
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(attn.importlib.util, "find_spec", lambda name, *a: None if name == "tokamax" else real(name, *a))
+    q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
+    with pytest.raises(attn.BackendUnavailable, match="needs the package 'tokamax'.*pip install tokamax"):
+        attn.resolve(q, "tokamax")
+    with pytest.raises(ValueError, match="expected one of"):
+        attn.resolve(q, "flash")
+
+
+def test_fallback_names_every_skipped_backend_once(caplog):
+    from wm_jax.kernels import attention as attn
+
+    attn._logged.clear()
+    q = jax.ShapeDtypeStruct((1, 9, 2, 64), jnp.float32)
+    cache = jax.ShapeDtypeStruct((2, 1, 16, 2, 64), jnp.float32)
+    with caplog.at_level("INFO", logger=attn.__name__):
+        for _ in range(3):
+            assert attn.resolve(q, "pallas", cache_k=cache) == "xla"
+    lines = [r for r in caplog.records if "runs on 'xla'" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+    assert all(f"{name}:" in lines[0].getMessage() for name in ("pallas", "cudnn", "tokamax"))
+
+
+def test_run_option_checks_the_attention_backend(monkeypatch):
+    import importlib.util
+
+    from wm_jax.errors import OptionError
+    from wm_jax.streaming import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name, *a: None if name == "tokamax" else real(name, *a))
+    with pytest.raises(OptionError, match=r"tokamax: needs the package 'tokamax'"):
+        run.check_options(run.RunOptions(slug="tiny", attention="tokamax"), output=False)
+    with pytest.raises(OptionError, match="one of auto, pallas"):
+        run.check_options(run.RunOptions(slug="tiny", attention="flash"), output=False)
+    run.check_options(run.RunOptions(slug="tiny", attention="pallas"), output=False)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
+from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS
+
 FLAGS = flags.FLAGS
 USAGE = """usage: wm-jax <command> [flags]
 
@@ -248,7 +250,7 @@ def _join_processes():
 
 WORLD_FLAGS = ("pixel_height", "pixel_width", "fps", "seed", "prompt", "image", "example_data", "example_idx",
                "checkpoint", "hub_repo", "allow_pickle", "world_scale", "compute_dtype", "num_devices",
-               "random_weights")
+               "random_weights", "attention")
 
 
 def _define_world_flags():
@@ -272,6 +274,9 @@ def _define_world_flags():
     flags.DEFINE_float("world_scale", None, "Camera translation scale for streaming (default 1.2712).")
     flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"],
                       "auto: bfloat16 on GPU, float32 on CPU.")
+    flags.DEFINE_enum("attention", None, list(ATTENTION_IMPLEMENTATIONS),
+                      "Attention backend (default: the recipe's, auto = the fastest measured on this GPU kind, "
+                      "XLA on the CPU): pallas (ours, Hopper), cudnn, tokamax (needs the package), xla.")
 
 
 def _define_run_flags():
@@ -428,7 +433,7 @@ def _serve_main(argv):
 COMMAND_ARGS = {"run": "<slug> [flags]", "serve": "[slug] [flags]  (default slug: tiny)",
                 "convert": "--src PATH --dst DIR [flags]", "parity": "CASE_DIR [--out OUT.npz] [--tolerance T]",
                 "train": "CONFIG.py --workdir DIR [--export DIR] [--override KEY=VALUE ...]"}
-_DEVICES = ("devices", ("num_devices", "compute_dtype", "coordinator_address", "num_processes", "process_id",
+_DEVICES = ("devices", ("num_devices", "compute_dtype", "attention", "coordinator_address", "num_processes", "process_id",
                         "coordinator_timeout"))
 _WEIGHTS = ("weights", ("checkpoint", "hub_repo", "allow_pickle", "random_weights"))
 _LOGGING = ("logging", ("verbosity",))

@@ -17,7 +17,7 @@ Backends (`implementation=`):
            in place (Hopper, bf16/fp16, head_dim 64/128/256); plain attention goes to the next backend.
   auto     the fastest measured backend on the running GPU kind (`FASTEST_BY_DEVICE_KIND`), XLA on
            the CPU.
-A backend that cannot serve a call (device, dtype, head_dim, mask) hands it to the next one in
+A backend that cannot serve a call (device, dtype, head_dim, no cache) hands it to the next one in
 `FALLBACK_ORDER`, logged once with the reason; a backend whose package is missing is an error.
 """
 
@@ -30,12 +30,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from wm_jax.kernels import chunk_attention
+from wm_jax.kernels import ATTENTION_BACKENDS, ATTENTION_IMPLEMENTATIONS, ATTENTION_PACKAGES, chunk_attention
 
-BACKENDS = ("pallas", "cudnn", "tokamax", "xla")
-FALLBACK_ORDER = BACKENDS  # a backend that cannot serve a call hands it to the next one (fastest first)
-IMPLEMENTATIONS = ("auto", *BACKENDS)
-_PACKAGES = {"tokamax": "tokamax"}
+FALLBACK_ORDER = ATTENTION_BACKENDS  # a backend that cannot serve a call hands it to the next one
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 
 # The fastest chunk-vs-cache backend per GPU kind, from benchmarks/attention.py (JSON under
 # benchmarks/results/): "auto" picks this; GPU kinds not listed get cuDNN.
@@ -64,14 +62,19 @@ def default_backend() -> str:
     return FASTEST_BY_DEVICE_KIND.get(device.device_kind, "cudnn")
 
 
+def missing_package(implementation: str) -> str | None:
+    """The optional package `implementation` needs and this environment lacks (None when it has it)."""
+    package = ATTENTION_PACKAGES.get(implementation)
+    return package if package and importlib.util.find_spec(package) is None else None
+
+
 def _check_installed(implementation: str) -> None:
-    package = _PACKAGES.get(implementation)
-    if package and importlib.util.find_spec(package) is None:
+    if package := missing_package(implementation):
         raise BackendUnavailable(f"attention backend {implementation!r} needs the package {package!r}, which is "
                                  f"not installed (pip install {package})")
 
 
-def _unserved_reason(backend: str, q: jax.Array, *, cache_k: jax.Array | None, mask: jax.Array | None) -> str | None:
+def _unserved_reason(backend: str, q: jax.Array, *, cache_k: jax.Array | None) -> str | None:
     """Why `backend` cannot serve this call (None when it can)."""
     on_gpu = jax.default_backend() == "gpu"
     if backend == "xla":
@@ -86,7 +89,7 @@ def _unserved_reason(backend: str, q: jax.Array, *, cache_k: jax.Array | None, m
             return f"cuDNN takes head_dim ≤ 256 and a multiple of 8, not {q.shape[-1]}"
         return None
     if backend == "tokamax":
-        if importlib.util.find_spec("tokamax") is None:
+        if missing_package("tokamax"):
             return "the package tokamax is not installed"
         return None if low_precision else f"tokamax's GPU kernels take bfloat16/float16, not {q.dtype}"
     # pallas
@@ -97,24 +100,31 @@ def _unserved_reason(backend: str, q: jax.Array, *, cache_k: jax.Array | None, m
     return chunk_attention.unsupported_reason(q, cache_k)
 
 
-def resolve(q: jax.Array, implementation: str = "auto", *, cache_k: jax.Array | None = None,
-            mask: jax.Array | None = None) -> str:
-    """The backend that serves this call: `implementation` ("auto" = `default_backend()`), or the first
-    backend after it in `FALLBACK_ORDER` that can serve it (logged once with the reason)."""
+def resolve(q: jax.Array, implementation: str = "auto", *, cache_k: jax.Array | None = None) -> str:
+    """The backend that serves this call (q and cache_k may be arrays or ShapeDtypeStructs; cache_k None =
+    plain attention): `implementation` ("auto" = `default_backend()`), or the first backend after it in
+    `FALLBACK_ORDER` that can serve it (logged once with the reason). A backend named explicitly whose
+    package is missing raises `BackendUnavailable`."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    requested = implementation
     if implementation == "auto":
         implementation = default_backend()
     else:
         _check_installed(implementation)
+    skipped = []
     for backend in FALLBACK_ORDER[FALLBACK_ORDER.index(implementation):]:
-        reason = _unserved_reason(backend, q, cache_k=cache_k, mask=mask)
+        reason = _unserved_reason(backend, q, cache_k=cache_k)
         if reason is None:
+            if skipped:
+                # "auto" taking what serves, and pallas handing plain attention (cross, full-sequence) to
+                # cuDNN, are the design, not news: a warning only where a named backend was passed over
+                routine = requested == "auto" or (skipped[0][0] == "pallas" and cache_k is None and backend == "cudnn")
+                why = "; ".join(f"{name}: {text}" for name, text in skipped)
+                _log_once(f"attention for q {tuple(q.shape)} {jnp.dtype(q.dtype).name} runs on {backend!r} "
+                          f"({why})", level=logging.INFO if routine else logging.WARNING)
             return backend
-        # pallas handing plain attention (cross, full-sequence) to cuDNN is the design, not news
-        routine = backend == "pallas" and cache_k is None
-        _log_once(f"attention backend {backend!r} not used for q {tuple(q.shape)} {q.dtype}: {reason}; trying the "
-                  "next", level=logging.INFO if routine else logging.WARNING)
+        skipped.append((backend, reason))
     raise AssertionError("xla serves every call")
 
 
@@ -143,7 +153,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.
     implementation: one of `IMPLEMENTATIONS` (module doc). cuDNN takes the valid length through
     `key_value_seq_lengths`, never as a dense mask.
     """
-    implementation = resolve(q, implementation, mask=mask)
+    implementation = resolve(q, implementation)
     if implementation == "xla":
         return attention_reference(q, k, v, kv_valid_length, mask)
     if implementation == "tokamax":

@@ -66,6 +66,8 @@ class Recipe:
       random_weights: build every component with seeded random weights (no checkpoint at all).
       shipped_weights: name of a trained world shipped inside the package (`wm_jax/assets/<name>/`,
         see `wm_jax.io.shipped`); used when no checkpoint folder is given.
+      attention: attention backend (`wm_jax.kernels.ATTENTION_IMPLEMENTATIONS`); "auto" = the fastest
+        measured on the running GPU kind, XLA on the CPU. The `attention` run option overrides it.
     """
 
     slug: str
@@ -91,6 +93,7 @@ class Recipe:
     weights: dict[str, HubFiles] = field(default_factory=dict)
     random_weights: bool = False
     shipped_weights: str = ""
+    attention: str = "auto"
     decoder_config: dict = field(default_factory=dict)
     vae_config: dict = field(default_factory=dict)
 

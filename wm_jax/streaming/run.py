@@ -21,6 +21,7 @@ second; JAX, the recipes, the engine and the models are imported where they are 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import dataclasses
 import json
 import os
@@ -75,6 +76,7 @@ class RunOptions:
     compute_dtype: str = "auto"
     num_devices: int | None = None
     random_weights: bool = False  # seeded random weights instead of the recipe's shipped / checkpoint weights
+    attention: str | None = None  # attention backend (wm_jax.kernels.ATTENTION_IMPLEMENTATIONS); None = the recipe's
 
 
 def load_recipe(slug: str) -> Recipe:
@@ -140,6 +142,15 @@ def check_options(options: RunOptions, *, output: bool = True) -> None:
                                     f"({'a folder' if Path(path).is_dir() else 'no such file'})")
     if bool(options.poses) != bool(options.intrinsics):
         raise OptionError("poses", "{poses} and {intrinsics} go together")
+    if options.attention is not None:
+        from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS, ATTENTION_PACKAGES
+
+        if options.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise bad("attention", f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        package = ATTENTION_PACKAGES.get(options.attention)
+        if package and importlib.util.find_spec(package) is None:
+            raise OptionError("attention", f"{{attention}} {options.attention}: needs the package {package!r}, which "
+                                           f"is not installed (pip install {package}; or {{attention}} auto)")
     if options.checkpoint is not None and Path(options.checkpoint).exists() and not Path(options.checkpoint).is_dir():
         raise OptionError("checkpoint", f"{{checkpoint}} {options.checkpoint}: expected a folder (it is a file)")
     if output:
@@ -335,14 +346,30 @@ def load_parts(recipe: Recipe, plan: RolloutPlan, options: RunOptions, compute_d
     from wm_jax.streaming.components import build_random, load_components, load_shipped
 
     if recipe.random_weights:
-        return build_random(recipe, plan, recipe.seed, compute_dtype)
-    if not options.checkpoint and recipe.shipped_weights:
-        return load_shipped(recipe, plan, compute_dtype)
-    if not options.checkpoint:
+        parts = build_random(recipe, plan, recipe.seed, compute_dtype)
+    elif not options.checkpoint and recipe.shipped_weights:
+        parts = load_shipped(recipe, plan, compute_dtype)
+    elif not options.checkpoint:
         raise OptionError("checkpoint", f"recipe {recipe.slug} needs weights: {{checkpoint}} DIR (converted "
                           "components, downloaded and converted there if missing)")
-    return load_components(recipe, plan, options.checkpoint, compute_dtype=compute_dtype,
-                           dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
+    else:
+        parts = load_components(recipe, plan, options.checkpoint, compute_dtype=compute_dtype,
+                                dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
+    parts.dit.attention_impl = options.attention or recipe.attention
+    return parts
+
+
+def attention_backend(parts, plan: RolloutPlan, compute_dtype) -> str:
+    """The backend the DiT's chunk-vs-cache attention runs on (its setting resolved for these shapes)."""
+    import jax
+
+    from wm_jax.kernels.attention import resolve
+
+    cfg = parts.dit.config
+    q = jax.ShapeDtypeStruct((plan.batch, plan.chunk_tokens, cfg.num_heads, cfg.head_dim), compute_dtype)
+    cache = jax.ShapeDtypeStruct((cfg.num_layers, plan.batch, plan.cache.buffer_tokens, cfg.num_heads, cfg.head_dim),
+                                 compute_dtype)
+    return resolve(q, parts.dit.attention_impl, cache_k=cache)
 
 
 def _stderr(line: str) -> None:
@@ -485,6 +512,7 @@ def _run(options: RunOptions, say: Callable[[str], None], folder: OutputFolder, 
             "num_processes": jax.process_count(),
             "jax": jax.__version__,
             "compute_dtype": jnp.dtype(compute_dtype).name,
+            "attention": attention_backend(parts, plan, compute_dtype),
             "peak_device_memory_gib": max(peaks) / 2**30 if all(p is not None for p in peaks) else None,
             "config": {**resolved, "components": parts.description, "prompt": prompt,
                        "camera_mode": options.camera_mode if camera is not None else None},
@@ -526,6 +554,8 @@ STATS_KEYS = {
                                           "cache / latents to uint8 frames on the device, copied to the host",
     "config": "the recipe as run: denoising_passes and the denoising_timesteps the network sees, schedule_steps "
               "or schedule_indices (the schedule's parameter), plan (shapes, cache layout, devices)",
+    "attention": "the backend the DiT's chunk-vs-cache attention ran on (wm_jax.kernels.attention; the attention "
+                 "option, or the recipe's, resolved on this device)",
     "peak_device_memory_gib": "largest peak over this process's devices; null where the backend does not report it",
 }
 
