@@ -191,18 +191,21 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
-    names = [n for n in ("pallas", "torch-cudnn", "cudnn", "tokamax", "xla")
-             if any(n in r["backends"] and "tflops" in r["backends"][n] for r in rows)]
+    labels = {"pallas": "ours (pallas)", "torch-cudnn": "torch cuDNN SDPA", "cudnn": "JAX cuDNN (paged + merge)",
+              "tokamax": "tokamax mosaic", "xla": "XLA reference"}
+    names = [n for n in labels if any(n in r["backends"] and "tflops" in r["backends"][n] for r in rows)]
     fig, ax = plt.subplots(figsize=(max(8, 0.75 * len(rows)), 4.2))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         values = [r["backends"].get(name, {}).get("tflops", 0.0) for r in rows]
         ax.bar([x + (i - (len(names) - 1) / 2) * width for x in range(len(rows))], values, width,
-               label="ours (pallas)" if name == "pallas" else name)
+               label=labels[name])
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("TFLOP/s (bf16)")
     ax.set_title(f"chunk-vs-cache attention, {report['device_kind']}, {report['date'][:10]}")
-    ax.legend(fontsize=8, ncol=len(names))
+    top = max(b.get("tflops", 0.0) for r in rows for b in r["backends"].values())
+    ax.set_ylim(0, top * 1.18)  # room for the legend above the bars
+    ax.legend(fontsize=8, ncol=len(names), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -14,7 +14,7 @@ Backends (`implementation=`):
            stacked cache plus a log-sum-exp merge with the chunk's own attention (two kernels).
   tokamax  tokamax's `dot_product_attention` (the package is optional); the cache is concatenated.
   pallas   wm_jax's own Mosaic GPU kernel (`chunk_attention`): chunk-vs-cache in one kernel, cache read
-           in place (Hopper, bf16/fp16, head_dim 64/128/256); plain attention goes to the next backend.
+           in place (Hopper, bf16/fp16, head_dim 64/128); plain attention goes to the next backend.
   auto     the fastest measured backend on the running GPU kind (`FASTEST_BY_DEVICE_KIND`), XLA on
            the CPU.
 A backend that cannot serve a call (device, dtype, head_dim, no cache) hands it to the next one in
