@@ -10,15 +10,17 @@ the recipes' `RolloutPlan` and its Ulysses split:
 
 The cache is a stacked [layers, 1, T, N, d] buffer (T = the recipe's buffer, 4 layers, layer 2 read) and
 its valid length a run-time value, as the model calls it. Backends, each through
-`wm_jax.kernels.attention.attention_with_cache` unless noted, timed as the median of calls with the
-device synchronised:
+`wm_jax.kernels.attention.attention_with_cache` unless noted. A timed sample is 10 calls dispatched back
+to back and one device sync (host dispatch hides under device time, as in the model's program and in
+torch's CUDA-event timing); the figure is the median sample / 10:
 
-    pallas[bq/bkv/stages]  ours (wm_jax.kernels.chunk_attention), one kernel, cache read in place
+    pallas                 ours (wm_jax.kernels.chunk_attention), one kernel, cache read in place;
+    pallas[tiles major]    the same kernel launched with a head's query tiles side by side
     cudnn                  jax cuDNN: chunk attention + paged attention over the stacked cache + LSE merge
     tokamax                tokamax mosaic on [own ; cache slice] (when tokamax is installed)
     xla                    the float32-softmax XLA reference (slice + concatenate)
     torch-cudnn            PyTorch `scaled_dot_product_attention` (cuDNN backend) on contiguous exact-length
-                           K/V, CUDA-event timed: the peers' kernel (needs torch with CUDA)
+                           K/V, 10 calls between two CUDA events: the peers' kernel (needs torch with CUDA)
 
 FLOPs = 4·N·L·(L + valid)·d. Every JAX backend is checked against a float32 reference on two heads
 (relative L2 < 2e-2, every query row finite). A backend that fails at a shape is recorded with its
