@@ -29,17 +29,18 @@ def _operands(batch, length, heads, buffer, layers, head_dim, dtype, seed):
     return (*own, *cache)
 
 
-def _check_rows(out, reference, tolerance):
+def _check_rows(out, reference, tolerance, seed):
     """Relative L2 error of every (batch, query row) over its heads and channels."""
     out, reference = np.asarray(out, np.float32), np.asarray(reference, np.float32)
-    assert np.isfinite(out).all(), "non-finite output"
+    assert np.isfinite(out).all(), f"non-finite output (seed {seed})"
     err = np.linalg.norm(out - reference, axis=(2, 3)) / np.linalg.norm(reference, axis=(2, 3))
     worst = np.unravel_index(np.argmax(err), err.shape)
-    assert err.max() < tolerance, f"row {worst} relative error {err.max():.2e} (tolerance {tolerance})"
+    assert err.max() < tolerance, f"row {worst} relative error {err.max():.2e} (tolerance {tolerance}, seed {seed})"
     return float(err.max())
 
 
-def _run_case(batch, length, heads, buffer, layers, layer, valid, head_dim, dtype, config, interpret, seed):
+def _check_case(batch, length, heads, buffer, layers, layer, valid, head_dim, dtype, config, interpret, seed,
+                tolerance):
     q, k, v, cache_k, cache_v = _operands(batch, length, heads, buffer, layers, head_dim, dtype, seed)
     out = chunk_attention.chunk_cache_attention(q, k, v, cache_k, cache_v, jnp.int32(layer), jnp.int32(valid),
                                                 config=config, interpret=interpret)
@@ -47,7 +48,7 @@ def _run_case(batch, length, heads, buffer, layers, layer, valid, head_dim, dtyp
     f32 = lambda x: x.astype(jnp.float32)
     reference = attention_with_cache(f32(q), f32(k), f32(v), f32(cache_k), f32(cache_v), jnp.int32(layer),
                                      jnp.int32(valid), implementation="xla")
-    return out, reference
+    return _check_rows(out, reference, tolerance, seed)
 
 
 # (batch, chunk tokens, heads, cache buffer tokens, layers, layer read, valid cached tokens)
@@ -61,17 +62,36 @@ INTERPRET_CASES = {
 
 @pytest.mark.parametrize("case", list(INTERPRET_CASES))
 def test_kernel_in_interpreter(case):
-    batch, length, heads, buffer, layers, layer, valid = INTERPRET_CASES[case]
     config = chunk_attention.KernelConfig(block_q=64, block_kv=64, stages=2)
-    out, reference = _run_case(batch, length, heads, buffer, layers, layer, valid, 64, jnp.float16, config,
-                               interpret=True, seed=_SEED + length)
-    _check_rows(out, reference, 2e-3)
+    _check_case(*INTERPRET_CASES[case], 64, jnp.float16, config, interpret=True, seed=_SEED + hash(case) % 1000,
+                tolerance=2e-3)
 
 
-def test_kernel_in_interpreter_three_stages_no_pingpong():
-    config = chunk_attention.KernelConfig(block_q=64, block_kv=64, stages=3, pingpong=False)
-    out, reference = _run_case(1, 140, 2, 256, 2, 1, 200, 64, jnp.float16, config, interpret=True, seed=_SEED)
-    _check_rows(out, reference, 2e-3)
+@pytest.mark.parametrize("config", [chunk_attention.KernelConfig(),  # the production tiles (64 / 128 / 2)
+                                    chunk_attention.KernelConfig(block_kv=64, stages=3, pingpong=False,
+                                                                 heads_major=False)],
+                         ids=["default", "3stages-no-pingpong-tiles-major"])
+def test_kernel_in_interpreter_other_configs(config):
+    _check_case(1, 140, 2, 256, 2, 1, 200, 64, jnp.float16, config, interpret=True, seed=_SEED, tolerance=2e-3)
+
+
+def test_valid_length_past_the_buffer_is_clipped():
+    config = chunk_attention.KernelConfig(block_q=64, block_kv=64)
+    q, k, v, cache_k, cache_v = _operands(1, 70, 1, 64, 1, 64, jnp.float16, _SEED)
+    beyond = chunk_attention.chunk_cache_attention(q, k, v, cache_k, cache_v, jnp.int32(0), jnp.int32(1000),
+                                                   config=config, interpret=True)
+    full = chunk_attention.chunk_cache_attention(q, k, v, cache_k, cache_v, jnp.int32(0), jnp.int32(64),
+                                                 config=config, interpret=True)
+    np.testing.assert_array_equal(np.asarray(beyond), np.asarray(full))
+
+
+def test_entry_point_serves_pallas_requests_on_any_device():
+    """`attention_with_cache(implementation="pallas")` gives the reference's numbers wherever it runs (here
+    on the CPU it falls back to XLA; on a Hopper GPU it runs the kernel)."""
+    q, k, v, cache_k, cache_v = _operands(1, 50, 2, 64, 2, 64, jnp.float32, _SEED)
+    args = (q, k, v, cache_k, cache_v, jnp.int32(1), jnp.int32(40))
+    np.testing.assert_allclose(np.asarray(attention_with_cache(*args, implementation="pallas")),
+                               np.asarray(attention_with_cache(*args, implementation="xla")), rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_operands_fall_back_with_reason(caplog):
@@ -109,7 +129,15 @@ GPU_CASES = {
                          ids=["default", "3stages"])
 def test_kernel_on_gpu(case, config):
     batch, length, heads, buffer, layers, layer, valid = GPU_CASES[case]
-    out, reference = _run_case(batch, length, heads, buffer, layers, layer, valid, 128, jnp.bfloat16, config,
-                               interpret=False, seed=_SEED + length + valid)
-    error = _check_rows(out, reference, 2e-2)
+    error = _check_case(batch, length, heads, buffer, layers, layer, valid, 128, jnp.bfloat16, config,
+                        interpret=False, seed=_SEED + length + valid, tolerance=2e-2)
     print(f"{case}: worst row relative L2 {error:.2e}")
+
+
+@pytest.mark.skipif(not _hopper(), reason="the compiled kernel needs a Hopper GPU (the interpreter tests run here)")
+@pytest.mark.parametrize("head_dim,dtype", [(64, jnp.float16), (128, jnp.float16), (64, jnp.bfloat16)])
+def test_kernel_on_gpu_other_head_dims_and_dtypes(head_dim, dtype):
+    for batch, length, heads, buffer, layers, layer, valid in [(1, 5, 2, 96, 2, 1, 1), (1, 333, 3, 520, 2, 0, 519)]:
+        _check_case(batch, length, heads, buffer, layers, layer, valid, head_dim, dtype,
+                    chunk_attention.KernelConfig(pingpong=False, heads_major=False), interpret=False,
+                    seed=_SEED + length, tolerance=2e-2)

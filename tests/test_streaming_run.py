@@ -58,7 +58,8 @@ def test_rollout_compiles_once_including_ring_wraparound(tiny_parts):
 def test_cli_run_tiny_writes_video_and_stats(tmp_path):
     out = tmp_path / "outputs"  # created by the run, when the first file is written
     proc = subprocess.run([sys.executable, "-m", "wm_jax.cli", "run", "tiny", "--output_dir", str(out),
-                           "--total_blocks", "2", "--save_latents", "--random_weights"], capture_output=True,
+                           "--total_blocks", "2", "--save_latents", "--random_weights", "--attention", "auto"],
+                          capture_output=True,
                           text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((out / "stats_tiny.json").read_text())
@@ -88,6 +89,8 @@ def test_cli_run_tiny_writes_video_and_stats(tmp_path):
     assert "steps" not in stats and "steps" not in config and config["denoising_passes"] == 4
     assert config["denoising_timesteps"] == [float(t) for t in recipe.step_schedule().t]
     assert set(stats["keys"]) and "encode_ms" in stats["keys"]
+    # the attention backend: the option as given, and what it resolved to on this CPU (quietly: no log line)
+    assert config["attention"] == "auto" and stats["attention"] == "xla" and "attention" in stats["keys"]
     assert (out / "tiny.mp4").stat().st_size > 1000
     assert np.load(out / "latents_tiny.npy").shape == (6, recipe.pixel_height // 8, recipe.pixel_width // 8, 16)
 

@@ -91,6 +91,8 @@ def _unserved_reason(backend: str, q: jax.Array, *, cache_k: jax.Array | None) -
     if backend == "tokamax":
         if missing_package("tokamax"):
             return "the package tokamax is not installed"
+        if not chunk_attention.is_hopper(jax.devices()[0]):
+            return f"tokamax's mosaic kernel is used here only on Hopper GPUs, not {jax.devices()[0].device_kind}"
         return None if low_precision else f"tokamax's GPU kernels take bfloat16/float16, not {q.dtype}"
     # pallas
     if cache_k is None:

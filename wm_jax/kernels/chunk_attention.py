@@ -76,7 +76,24 @@ def unsupported_reason(q: jax.Array, cache_k: jax.Array) -> str | None:
         return f"head_dim {q.shape[-1]} (the kernel takes {HEAD_DIMS})"
     if cache_k.dtype != q.dtype:
         return f"cache dtype {cache_k.dtype} differs from the queries' {q.dtype}"
+    if cache_k.shape[2] % 8 and cache_k.shape[2] >= KernelConfig.block_kv:
+        return (f"cache buffer of {cache_k.shape[2]} tokens per layer (TMA tiles need a multiple of 8; "
+                "CacheLayout.buffer_tokens sizes it so)")
+    if _MISCOMPILING_CUDA[0] <= _cuda_runtime_version() < _MISCOMPILING_CUDA[1]:
+        return "CUDA 12.8.0 up to 12.9.1, whose ptxas miscompiles masked Mosaic GPU attention loops"
     return None
+
+
+_MISCOMPILING_CUDA = (12080, 12091)  # jax's own Mosaic attention refuses masking on these runtimes
+
+
+def _cuda_runtime_version() -> int:
+    """The CUDA runtime's version as jax reports it (12080 = 12.8.0), 0 where unknown (no CUDA jaxlib)."""
+    try:
+        from jax._src.lib import cuda_versions
+    except ImportError:
+        return 0
+    return cuda_versions.cuda_runtime_get_version() if cuda_versions is not None else 0
 
 
 def chunk_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
@@ -94,6 +111,8 @@ def chunk_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax
     if cache_k.shape != cache_v.shape or cache_k.ndim != 5 or cache_k.shape[1:2] + cache_k.shape[3:] != (
             b, heads, head_dim):
         raise ValueError(f"cache {cache_k.shape} / {cache_v.shape} must be [layers, {b}, T, {heads}, {head_dim}]")
+    if length == 0:
+        raise ValueError("the chunk has no tokens (q [B, 0, N, d])")
     block_q, block_kv, stages = config.block_q, config.block_kv, config.stages
     # TMA boxes may hang over a tensor's end but not exceed its extent: tiny operands are padded (rows
     # past the end are masked like any ragged tail; only test-sized shapes take this copy). The
@@ -105,9 +124,13 @@ def chunk_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax
     if own_rows != length:
         pad = ((0, 0), (0, own_rows - length), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    if cache_k.shape[2] < block_kv:
-        pad = ((0, 0), (0, 0), (0, block_kv - cache_k.shape[2]), (0, 0), (0, 0))
+    buffer = cache_k.shape[2]
+    valid = jnp.clip(valid, 0, buffer)  # never count rows past the buffer (or the padding below) as keys
+    if buffer < block_kv:
+        pad = ((0, 0), (0, 0), (0, block_kv - buffer), (0, 0), (0, 0))
         cache_k, cache_v = jnp.pad(cache_k, pad), jnp.pad(cache_v, pad)
+    elif buffer % 8:
+        raise ValueError(unsupported_reason(q, cache_k))
     out = _call(q, k, v, cache_k, cache_v, jnp.stack([layer, valid]).astype(jnp.int32), length=length,
                 block_q=block_q, block_kv=block_kv, stages=stages, pingpong=config.pingpong,
                 heads_major=config.heads_major,

@@ -143,18 +143,24 @@ def check_options(options: RunOptions, *, output: bool = True) -> None:
     if bool(options.poses) != bool(options.intrinsics):
         raise OptionError("poses", "{poses} and {intrinsics} go together")
     if options.attention is not None:
-        from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS, ATTENTION_PACKAGES
-
-        if options.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise bad("attention", f"one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-        package = ATTENTION_PACKAGES.get(options.attention)
-        if package and importlib.util.find_spec(package) is None:
-            raise OptionError("attention", f"{{attention}} {options.attention}: needs the package {package!r}, which "
-                                           f"is not installed (pip install {package}; or {{attention}} auto)")
+        check_attention(options.attention, "{attention}")
     if options.checkpoint is not None and Path(options.checkpoint).exists() and not Path(options.checkpoint).is_dir():
         raise OptionError("checkpoint", f"{{checkpoint}} {options.checkpoint}: expected a folder (it is a file)")
     if output:
         OutputFolder(options.output_dir)
+
+
+def check_attention(name: str, where: str) -> None:
+    """OptionError (attention) for an attention backend that is unknown or whose package is missing;
+    `where` names the setting in the message ("{attention}" for the option, or the recipe's field)."""
+    from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS, ATTENTION_PACKAGES
+
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise OptionError("attention", f"{where} {name}: expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    package = ATTENTION_PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise OptionError("attention", f"{where} {name}: needs the package {package!r}, which is not installed "
+                                       f"(pip install {package}; or {{attention}} auto)")
 
 
 def check_weights(recipe: Recipe, options: RunOptions) -> None:
@@ -216,10 +222,12 @@ def resolve(options: RunOptions, adapt: Callable[[Recipe], Recipe] | None = None
     overrides = {k: v for k, v in dict(pixel_height=options.pixel_height, pixel_width=options.pixel_width,
                                        total_blocks=options.total_blocks, fps=options.fps, seed=options.seed,
                                        prompt=options.prompt, shift=options.shift,
-                                       world_scale=options.world_scale).items() if v is not None}
+                                       world_scale=options.world_scale, attention=options.attention).items()
+                 if v is not None}
     recipe = recipe.replace(**overrides, **({"random_weights": True} if options.random_weights else {}))
     if recipe.fps <= 0:
         raise OptionError("fps", f"{{fps}} {recipe.fps}: expected a positive frame rate")
+    check_attention(recipe.attention, f"recipe {recipe.slug}'s attention")
     if adapt is not None:
         recipe = adapt(recipe)
     model = dit_config(recipe, None if recipe.random_weights else options.checkpoint)
@@ -355,7 +363,7 @@ def load_parts(recipe: Recipe, plan: RolloutPlan, options: RunOptions, compute_d
     else:
         parts = load_components(recipe, plan, options.checkpoint, compute_dtype=compute_dtype,
                                 dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
-    parts.dit.attention_impl = options.attention or recipe.attention
+    parts.dit.attention_impl = recipe.attention  # `resolve` applied the attention option to the recipe
     return parts
 
 
@@ -365,9 +373,13 @@ def attention_backend(parts, plan: RolloutPlan, compute_dtype) -> str:
 
     from wm_jax.kernels.attention import resolve
 
-    cfg = parts.dit.config
-    q = jax.ShapeDtypeStruct((plan.batch, plan.chunk_tokens, cfg.num_heads, cfg.head_dim), compute_dtype)
-    cache = jax.ShapeDtypeStruct((cfg.num_layers, plan.batch, plan.cache.buffer_tokens, cfg.num_heads, cfg.head_dim),
+    cfg, shards = parts.dit.config, plan.shards
+    # what one device's attention sees inside the Ulysses shard_map: every chunk token (padded per frame)
+    # of its share of the (padded) heads
+    heads = shards.heads_per_shard
+    q = jax.ShapeDtypeStruct((plan.batch, plan.chunk_frames * shards.padded_tokens_per_frame, heads, cfg.head_dim),
+                             compute_dtype)
+    cache = jax.ShapeDtypeStruct((cfg.num_layers, plan.batch, plan.cache.buffer_tokens, heads, cfg.head_dim),
                                  compute_dtype)
     return resolve(q, parts.dit.attention_impl, cache_k=cache)
 
