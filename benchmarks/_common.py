@@ -93,6 +93,35 @@ def time_calls(call: Callable[[int], Any], sync: Callable[[Any], None], *, warmu
     return summarize(times)
 
 
+def torch_cudnn_sdpa_ms(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, calls: int, iters: int,
+                        warmup: int = 2) -> float | None:
+    """Median ms of `calls` back-to-back PyTorch `scaled_dot_product_attention` calls (cuDNN backend, bf16,
+    BNTH, random inputs) between two CUDA events; None without torch + CUDA. The peers' attention kernel."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    make = lambda t: torch.randn(1, heads, t, head_dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = make(q_tokens), make(kv_tokens), make(kv_tokens)
+    times = []
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        for i in range(iters + warmup):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            end.record()
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(start.elapsed_time(end))
+    del q, k, v
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
 def block(tree: Any) -> Any:
     return jax.block_until_ready(tree)
 

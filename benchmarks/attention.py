@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from _common import format_table, rel_l2, run_metadata, time_calls, write_json  # noqa: E402
+from _common import format_table, rel_l2, run_metadata, time_calls, torch_cudnn_sdpa_ms, write_json  # noqa: E402
 from wm_jax.kernels import chunk_attention  # noqa: E402
 from wm_jax.kernels.attention import attention_reference, attention_with_cache, resolve  # noqa: E402
 from wm_jax.parallel.mesh import make_mesh  # noqa: E402
@@ -108,33 +108,6 @@ def all_shapes(small: bool) -> list[Shape]:
     return shapes
 
 
-def torch_sdpa_ms(shape: Shape, iters: int) -> float | None:
-    """Median ms of PyTorch cuDNN SDPA at this shape (bf16, BNTH, exact-length K/V), or None."""
-    try:
-        import torch
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    make = lambda t: torch.randn(1, shape.heads, t, shape.head_dim, device="cuda", dtype=torch.bfloat16)
-    q, k, v = make(shape.queries), make(shape.queries + shape.cached), make(shape.queries + shape.cached)
-    times = []
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        for i in range(iters + 3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(REPEATS):
-                torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            end.record()
-            torch.cuda.synchronize()
-            if i >= 3:
-                times.append(start.elapsed_time(end) / REPEATS)
-    del q, k, v
-    torch.cuda.empty_cache()
-    return sorted(times)[len(times) // 2]
-
-
 def jax_backends() -> dict:
     """name -> fn(q, k, v, cache_k, cache_v, layer, valid) for every backend this machine can run."""
     out = {}
@@ -180,8 +153,10 @@ def measure(shape: Shape, backends: dict, iters: int, budget_s: float) -> dict:
         except Exception as e:  # noqa: BLE001  (record and go on: one backend failing must not end the run)
             row["backends"][name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
         jax.clear_caches()
-    ms = torch_sdpa_ms(shape, iters)
+    ms = torch_cudnn_sdpa_ms(shape.queries, shape.queries + shape.cached, shape.heads, shape.head_dim, REPEATS,
+                             iters, warmup=3)
     if ms is not None:
+        ms /= REPEATS
         row["backends"]["torch-cudnn"] = {"ms": ms, "tflops": shape.flops / (ms * 1e-3) / 1e12}
     return row
 

@@ -30,41 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from _common import (fill_random_params, format_table, run_metadata, single_chunk_plan, time_calls,  # noqa: E402
-                     write_json)
+                     torch_cudnn_sdpa_ms, write_json)
 from wm_jax.kernels.attention import attention, attention_with_cache  # noqa: E402
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
-
-
-def torch_sdpa_ms(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, layers: int, iters: int):
-    """Median ms of `layers` PyTorch cuDNN SDPA calls (bf16, BNTH), or None without torch + CUDA."""
-    try:
-        import torch
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    make = lambda t: torch.randn(1, heads, t, head_dim, device="cuda", dtype=torch.bfloat16)
-    q, k, v = make(q_tokens), make(kv_tokens), make(kv_tokens)
-    times = []
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        for i in range(iters + 2):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(layers):
-                torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            end.record()
-            torch.cuda.synchronize()
-            if i >= 2:
-                times.append(start.elapsed_time(end))
-    del q, k, v
-    torch.cuda.empty_cache()
-    return float(np.median(times))
 
 
 def main(argv=None):
@@ -153,7 +125,7 @@ def main(argv=None):
                                               iters=args.iters)["median_ms"]
         timings["attn_exact"] = time_calls(lambda i: exact(q, joined_k[:, :kv_tokens], joined_v[:, :kv_tokens]),
                                            sync, warmup=2, iters=args.iters)["median_ms"]
-        torch_ms = torch_sdpa_ms(L, kv_tokens, heads, hd, layers, args.iters)
+        torch_ms = torch_cudnn_sdpa_ms(L, kv_tokens, heads, hd, layers, args.iters)
         if torch_ms is not None:
             timings["torch_sdpa_cudnn"] = torch_ms
         results["context"][context] = {"ms": timings, "attention_tflop": attn_flops / 1e12,
