@@ -71,7 +71,7 @@ from flax import nnx  # noqa: E402
 from _common import (block, device_memory, fill_random_params, format_table, gpu_kernel_events,  # noqa: E402
                      kernel_category, kernel_time_by_category, run_metadata, tree_bytes, write_json)
 from wm_jax.io.video import frames_to_uint8  # noqa: E402
-from wm_jax.kernels.attention import IMPLEMENTATIONS  # noqa: E402
+from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS  # noqa: E402
 from wm_jax.models.config import WanConfig, preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402
 from wm_jax.parallel.mesh import SEQUENCE_AXIS, local_replica, make_mesh, put_replicated  # noqa: E402
@@ -157,7 +157,7 @@ def parse_args(argv=None):
     p.add_argument("--decoder", default="taehv,wan_vae", help="comma list of taehv | wan_vae | none")
     p.add_argument("--encode", action="store_true",
                    help="I2V recipes: make y with the Wan VAE encoder every chunk (timed as encode) instead of random")
-    p.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
                    help="attention backend (wm_jax.kernels.attention; auto = the fastest measured on this GPU kind)")
     p.add_argument("--dtype", default=None, help="weights/compute dtype (default bfloat16; --small float32)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak for utilisation (H100 SXM 989)")

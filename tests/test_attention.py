@@ -127,7 +127,7 @@ def test_named_backend_without_its_package_is_an_error(monkeypatch):
     from wm_jax.kernels import attention as attn
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(attn.importlib.util, "find_spec", lambda name, *a: None if name == "tokamax" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tokamax" else real(name, *a))
     q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
     with pytest.raises(attn.BackendUnavailable, match="needs the package 'tokamax'.*pip install tokamax"):
         attn.resolve(q, "tokamax")
@@ -156,7 +156,7 @@ def test_run_option_checks_the_attention_backend(monkeypatch):
     from wm_jax.streaming import run
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name, *a: None if name == "tokamax" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tokamax" else real(name, *a))
     with pytest.raises(OptionError, match=r"tokamax: needs the package 'tokamax'"):
         run.check_options(run.RunOptions(slug="tiny", attention="tokamax"), output=False)
     with pytest.raises(OptionError, match="one of auto, pallas"):

@@ -18,22 +18,19 @@ Backends (`implementation=`):
   auto     the fastest measured backend on the running GPU kind (`FASTEST_BY_DEVICE_KIND`), XLA on
            the CPU.
 A backend that cannot serve a call (device, dtype, head_dim, no cache) hands it to the next one in
-`FALLBACK_ORDER`, logged once with the reason; a backend whose package is missing is an error.
+`ATTENTION_BACKENDS` (the fallback order), logged once with the reason; a backend whose package is
+missing is an error.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 
 import jax
 import jax.numpy as jnp
 
-from wm_jax.kernels import ATTENTION_BACKENDS, ATTENTION_IMPLEMENTATIONS, ATTENTION_PACKAGES, chunk_attention
-
-FALLBACK_ORDER = ATTENTION_BACKENDS  # a backend that cannot serve a call hands it to the next one
-IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
+from wm_jax.kernels import ATTENTION_BACKENDS, ATTENTION_IMPLEMENTATIONS, chunk_attention, missing_package
 
 # The fastest chunk-vs-cache backend per GPU kind, from benchmarks/attention.py (JSON under
 # benchmarks/results/): "auto" picks this; GPU kinds not listed get cuDNN.
@@ -62,12 +59,6 @@ def default_backend() -> str:
     return FASTEST_BY_DEVICE_KIND.get(device.device_kind, "cudnn")
 
 
-def missing_package(implementation: str) -> str | None:
-    """The optional package `implementation` needs and this environment lacks (None when it has it)."""
-    package = ATTENTION_PACKAGES.get(implementation)
-    return package if package and importlib.util.find_spec(package) is None else None
-
-
 def _check_installed(implementation: str) -> None:
     if package := missing_package(implementation):
         raise BackendUnavailable(f"attention backend {implementation!r} needs the package {package!r}, which is "
@@ -76,11 +67,11 @@ def _check_installed(implementation: str) -> None:
 
 def _unserved_reason(backend: str, q: jax.Array, *, cache_k: jax.Array | None) -> str | None:
     """Why `backend` cannot serve this call (None when it can)."""
-    on_gpu = jax.default_backend() == "gpu"
     if backend == "xla":
         return None
-    if not on_gpu:
+    if jax.default_backend() != "gpu":
         return f"it needs a GPU (running on {jax.default_backend()})"
+    device = jax.devices()[0]
     low_precision = q.dtype in (jnp.bfloat16, jnp.float16)
     if backend == "cudnn":
         if not low_precision:
@@ -91,31 +82,31 @@ def _unserved_reason(backend: str, q: jax.Array, *, cache_k: jax.Array | None) -
     if backend == "tokamax":
         if missing_package("tokamax"):
             return "the package tokamax is not installed"
-        if not chunk_attention.is_hopper(jax.devices()[0]):
-            return f"tokamax's mosaic kernel is used here only on Hopper GPUs, not {jax.devices()[0].device_kind}"
+        if not chunk_attention.is_hopper(device):
+            return f"tokamax's mosaic kernel is used here only on Hopper GPUs, not {device.device_kind}"
         return None if low_precision else f"tokamax's GPU kernels take bfloat16/float16, not {q.dtype}"
     # pallas
     if cache_k is None:
         return "the pallas kernel serves chunk-vs-cache attention only"
-    if not chunk_attention.is_hopper(jax.devices()[0]):
-        return f"the pallas kernel is written for Hopper GPUs (compute capability 9.x), not {jax.devices()[0].device_kind}"
+    if not chunk_attention.is_hopper(device):
+        return f"the pallas kernel is written for Hopper GPUs (compute capability 9.x), not {device.device_kind}"
     return chunk_attention.unsupported_reason(q, cache_k)
 
 
 def resolve(q: jax.Array, implementation: str = "auto", *, cache_k: jax.Array | None = None) -> str:
     """The backend that serves this call (q and cache_k may be arrays or ShapeDtypeStructs; cache_k None =
     plain attention): `implementation` ("auto" = `default_backend()`), or the first backend after it in
-    `FALLBACK_ORDER` that can serve it (logged once with the reason). A backend named explicitly whose
+    `ATTENTION_BACKENDS` that can serve it (logged once with the reason). A backend named explicitly whose
     package is missing raises `BackendUnavailable`."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; expected one of {ATTENTION_IMPLEMENTATIONS}")
     requested = implementation
     if implementation == "auto":
         implementation = default_backend()
     else:
         _check_installed(implementation)
     skipped = []
-    for backend in FALLBACK_ORDER[FALLBACK_ORDER.index(implementation):]:
+    for backend in ATTENTION_BACKENDS[ATTENTION_BACKENDS.index(implementation):]:
         reason = _unserved_reason(backend, q, cache_k=cache_k)
         if reason is None:
             if skipped:
@@ -152,7 +143,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_valid_length: jax.
     dense boolean mask `[Tq, Tk]` shared by the batch and the heads (True = attend; every query needs
     at least one visible key).
 
-    implementation: one of `IMPLEMENTATIONS` (module doc). cuDNN takes the valid length through
+    implementation: one of `ATTENTION_IMPLEMENTATIONS` (module doc). cuDNN takes the valid length through
     `key_value_seq_lengths`, never as a dense mask.
     """
     implementation = resolve(q, implementation)

@@ -21,7 +21,6 @@ second; JAX, the recipes, the engine and the models are imported where they are 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import dataclasses
 import json
 import os
@@ -153,12 +152,11 @@ def check_options(options: RunOptions, *, output: bool = True) -> None:
 def check_attention(name: str, where: str) -> None:
     """OptionError (attention) for an attention backend that is unknown or whose package is missing;
     `where` names the setting in the message ("{attention}" for the option, or the recipe's field)."""
-    from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS, ATTENTION_PACKAGES
+    from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS, missing_package
 
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise OptionError("attention", f"{where} {name}: expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
-    package = ATTENTION_PACKAGES.get(name)
-    if package and importlib.util.find_spec(package) is None:
+    if package := missing_package(name):
         raise OptionError("attention", f"{where} {name}: needs the package {package!r}, which is not installed "
                                        f"(pip install {package}; or {{attention}} auto)")
 
