@@ -85,14 +85,14 @@ def recipe_shapes(short: str, devices: int, chunks: list[int]) -> list[Shape]:
     recipe = load_recipe(RECIPES[short]).replace(total_blocks=7)
     cfg = model_config(recipe)
     plan = RolloutPlan.for_recipe(recipe, cfg, make_mesh(1))
-    shards = dataclasses.replace(plan.shards, num_shards=devices)
-    queries = plan.chunk_frames * (shards.padded_tokens_per_frame if devices > 1 else plan.tokens_per_frame)
+    # the plan's Ulysses split taken for `devices` (one GPU here times one device's share)
+    plan = dataclasses.replace(plan, shards=dataclasses.replace(plan.shards, num_shards=devices))
     out = []
     for chunk in chunks:
         cached = int(plan.cache.valid_tokens(chunk * plan.chunk_frames))
         frames = (plan.chunk_tokens + cached) // plan.tokens_per_frame
         out.append(Shape(f"{short} {frames}f" + (f" /{devices}" if devices > 1 else ""), short, devices,
-                         shards.heads_per_shard if devices > 1 else cfg.num_heads, queries, cached,
+                         plan.shards.heads_per_shard, plan.attention_tokens_per_device, cached,
                          plan.cache.buffer_tokens, cfg.head_dim))
     return out
 

@@ -172,6 +172,12 @@ class RolloutPlan:
         return self.chunk_frames * self.shards.tokens_per_shard
 
     @property
+    def attention_tokens_per_device(self) -> int:
+        """Queries of each device's self-attention, inside the Ulysses exchange: every token of the chunk
+        (padding included) for that device's share of the heads."""
+        return self.chunk_frames * self.shards.padded_tokens_per_frame
+
+    @property
     def chunk_shape(self) -> tuple[int, int, int, int, int]:
         """Noise / clean latents of one chunk: [B, F, h, w, C]."""
         return (self.batch, self.chunk_frames, self.latent_height, self.latent_width, self.latent_channels)

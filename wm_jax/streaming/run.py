@@ -371,12 +371,8 @@ def attention_backend(parts, plan: RolloutPlan, compute_dtype) -> str:
 
     from wm_jax.kernels.attention import resolve
 
-    cfg, shards = parts.dit.config, plan.shards
-    # what one device's attention sees inside the Ulysses shard_map: every chunk token (padded per frame)
-    # of its share of the (padded) heads
-    heads = shards.heads_per_shard
-    q = jax.ShapeDtypeStruct((plan.batch, plan.chunk_frames * shards.padded_tokens_per_frame, heads, cfg.head_dim),
-                             compute_dtype)
+    cfg, heads = parts.dit.config, plan.shards.heads_per_shard
+    q = jax.ShapeDtypeStruct((plan.batch, plan.attention_tokens_per_device, heads, cfg.head_dim), compute_dtype)
     cache = jax.ShapeDtypeStruct((cfg.num_layers, plan.batch, plan.cache.buffer_tokens, heads, cfg.head_dim),
                                  compute_dtype)
     return resolve(q, parts.dit.attention_impl, cache_k=cache)
