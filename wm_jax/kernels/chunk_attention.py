@@ -68,8 +68,9 @@ def is_hopper(device: jax.Device) -> bool:
 
 
 def unsupported_reason(q: jax.Array, cache_k: jax.Array) -> str | None:
-    """Why this kernel cannot serve these operands (None when it can): Hopper-class GPU, bf16/fp16,
-    head_dim a multiple of 64 up to 256, the cache in q's dtype."""
+    """Why this kernel cannot serve these operands (None when it can): bf16/fp16, head_dim in `HEAD_DIMS`,
+    the cache in q's dtype with a buffer of whole 8-row TMA tiles, a CUDA runtime that compiles it right
+    (the device itself is checked by `is_hopper`)."""
     if jnp.dtype(q.dtype) not in DTYPES:
         return f"dtype {q.dtype} (the kernel takes bfloat16 or float16)"
     if q.shape[-1] not in HEAD_DIMS:
@@ -114,7 +115,7 @@ def chunk_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax
         raise ValueError(f"cache {cache_k.shape} / {cache_v.shape} must be [layers, {b}, T, {heads}, {head_dim}]")
     if length == 0:
         raise ValueError("the chunk has no tokens (q [B, 0, N, d])")
-    block_q, block_kv, stages = config.block_q, config.block_kv, config.stages
+    block_q, block_kv = config.block_q, config.block_kv
     # TMA boxes may hang over a tensor's end but not exceed its extent: tiny operands are padded (rows
     # past the end are masked like any ragged tail; only test-sized shapes take this copy). The
     # interpreter does not clip a store that hangs over the end as TMA does: there the queries are
@@ -133,15 +134,14 @@ def chunk_cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax
     elif buffer % 8:
         raise ValueError(unsupported_reason(q, cache_k))
     out = _call(q, k, v, cache_k, cache_v, jnp.stack([layer, valid]).astype(jnp.int32), length=length,
-                block_q=block_q, block_kv=block_kv, stages=stages, pingpong=config.pingpong,
-                heads_major=config.heads_major,
-                interpret=interpret)
+                config=config, interpret=interpret)
     return out[:, :length] if own_rows != length else out
 
 
-def _call(q, k, v, cache_k, cache_v, scalars, *, length, block_q, block_kv, stages, pingpong, heads_major,
-          interpret):
-    b, rows, heads, head_dim = q.shape
+def _call(q, k, v, cache_k, cache_v, scalars, *, length: int, config: KernelConfig, interpret: bool):
+    b, _, heads, head_dim = q.shape
+    block_q, block_kv, stages = config.block_q, config.block_kv, config.stages
+    q_tiles = pl.cdiv(length, 2 * block_q)
     dtype = q.dtype
     own_full, own_tail = divmod(length, block_kv)
     own_steps = own_full + (own_tail > 0)
@@ -160,7 +160,7 @@ def _call(q, k, v, cache_k, cache_v, scalars, *, length, block_q, block_kv, stag
             return x if interpret else plgpu.layout_cast(x, layout)
 
         def take_tensor_cores():
-            if pingpong:
+            if config.pingpong:
                 plgpu.barrier_arrive(schedule)
                 plgpu.barrier_wait(schedule)
 
@@ -204,10 +204,10 @@ def _call(q, k, v, cache_k, cache_v, scalars, *, length, block_q, block_kv, stag
                 probs_lo = probs.astype(dtype)
                 acc, denominator, new_max, probs_lo = lax.optimization_barrier(
                     (acc, denominator, new_max, probs_lo))
-                if pingpong:
+                if config.pingpong:
                     plgpu.barrier_arrive(schedule)
                 plgpu.barrier_wait(v_ready.at[slot])
-                if pingpong:
+                if config.pingpong:
                     plgpu.barrier_wait(schedule)
 
                 def wait_next_keys():
@@ -303,8 +303,8 @@ def _call(q, k, v, cache_k, cache_v, scalars, *, length, block_q, block_kv, stag
     return plgpu.kernel(
         chunk_attention_kernel,
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
-        grid=(heads, pl.cdiv(length, 2 * block_q), b) if heads_major else (pl.cdiv(length, 2 * block_q), heads, b),
-        grid_names=("heads", "q_tiles", "batch") if heads_major else ("q_tiles", "heads", "batch"),
+        grid=(heads, q_tiles, b) if config.heads_major else (q_tiles, heads, b),
+        grid_names=("heads", "q_tiles", "batch") if config.heads_major else ("q_tiles", "heads", "batch"),
         num_threads=_COMPUTE_WARPGROUPS + 1,
         thread_name="warpgroup",
         compiler_params=plgpu.CompilerParams(approx_math=True),
