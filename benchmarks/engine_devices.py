@@ -73,7 +73,7 @@ def main(argv=None):
     recipe = load_recipe(args.slug).replace(total_blocks=args.total_blocks, random_weights=True)
     counts = [int(n) for n in args.devices.split(",")]
     pairs = [(n, a) for a in args.attention.split(",") for n in counts]
-    runs = {pair: stream(recipe, *pair[:1], jnp.dtype(args.compute_dtype), pair[1]) for pair in pairs}
+    runs = {(n, a): stream(recipe, n, jnp.dtype(args.compute_dtype), a) for n, a in pairs}
     ref = runs[pairs[0]]
     rows, report = [], []
     for (n, attention), run in runs.items():
