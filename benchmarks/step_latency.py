@@ -65,7 +65,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from _common import (block, device_memory, fill_random_params, format_table, gpu_kernel_events,  # noqa: E402
