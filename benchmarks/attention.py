@@ -44,12 +44,11 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from _common import format_table, rel_l2, run_metadata, time_calls, torch_cudnn_sdpa_ms, write_json  # noqa: E402
+from wm_jax.bench.common import format_table, rel_l2, run_metadata, time_calls, torch_cudnn_sdpa_ms, write_json  # noqa: E402
 from wm_jax.kernels import chunk_attention  # noqa: E402
 from wm_jax.kernels.attention import attention_reference, attention_with_cache, resolve  # noqa: E402
 from wm_jax.parallel.mesh import make_mesh  # noqa: E402

@@ -26,13 +26,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _common import (fill_random_params, format_table, run_metadata, single_chunk_plan, time_calls,  # noqa: E402
+from wm_jax.bench.common import (fill_random_params, format_table, run_metadata, single_chunk_plan, time_calls,  # noqa: E402
                      torch_cudnn_sdpa_ms, write_json)
 from wm_jax.kernels.attention import attention, attention_with_cache  # noqa: E402
 from wm_jax.models.config import preset  # noqa: E402

@@ -63,14 +63,13 @@ from typing import Any  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _common import (block, device_memory, fill_random_params, format_table, lowered_flops, rel_l2,  # noqa: E402
+from wm_jax.bench.common import (block, device_memory, fill_random_params, format_table, lowered_flops, rel_l2,  # noqa: E402
                      run_metadata, time_calls, write_json)
 from wm_jax.models import taehv as T  # noqa: E402
 from wm_jax.models import wan_vae as W  # noqa: E402

@@ -20,13 +20,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import format_table, rel_l2, run_metadata, write_json  # noqa: E402
+from wm_jax.bench.common import format_table, rel_l2, run_metadata, write_json  # noqa: E402
 from wm_jax.io import examples  # noqa: E402
 from wm_jax.models import camera as cam  # noqa: E402
 from wm_jax.parallel.mesh import make_mesh  # noqa: E402

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import format_table, run_metadata, write_json  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from wm_jax.bench.common import format_table, run_metadata, write_json  # noqa: E402
 
 
 def one_run(slug: str, extra: list[str]) -> dict:

@@ -23,13 +23,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _common import (fill_random_params, format_table, gpu_kernel_events, kernel_category,  # noqa: E402
+from wm_jax.bench.common import (fill_random_params, format_table, gpu_kernel_events, kernel_category,  # noqa: E402
                      run_metadata, single_chunk_plan, write_json)
 from wm_jax.models.config import preset  # noqa: E402
 from wm_jax.models.wan import WanModel  # noqa: E402

@@ -25,12 +25,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from _common import format_table, run_metadata, time_calls, write_json  # noqa: E402
+from wm_jax.bench.common import format_table, run_metadata, time_calls, write_json  # noqa: E402
 from wm_jax.kernels.attention import attention_with_cache  # noqa: E402
 from wm_jax.parallel.mesh import make_mesh  # noqa: E402
 from wm_jax.streaming.components import model_config  # noqa: E402

@@ -1,4 +1,5 @@
-"""Shared helpers of the GPU benchmarks: run metadata, timing, random device weights, tables, JSON.
+"""Shared helpers of the benchmarks (`wm-jax bench` and benchmarks/*.py): run metadata, timing, random device
+weights, tables, JSON.
 
 Import this AFTER setting XLA_* environment variables (the scripts do it on their first lines).
 """
