@@ -36,6 +36,8 @@ commands:
   convert   convert an upstream PyTorch checkpoint (safetensors, sharded, diffusers, Self-Forcing .pt)
   parity    run a golden parity case folder through wm_jax and compare with upstream outputs
   train     train a world from a config: wm-jax train configs/train_tiny_world.py --workdir runs/tiny_world
+  bench     per-step latency of a recipe at full size on random weights, peers' own loops in the same call:
+            wm-jax bench self-forcing-wan2.1-t2v-1.3b --peer self-forcing --upstream_dir ~/Self-Forcing
 
 `wm-jax <command> --help` lists the command's flags; `wm-jax run --help` the recipes.
 `wm-jax --version` prints the version.
@@ -197,6 +199,105 @@ def _parity_main(argv):
     worst = max(errors.values())
     print(f"max relative L2 {worst:.2e} (tolerance {tolerance:.0e}): {'PASS' if worst <= tolerance else 'FAIL'}")
     return 0 if worst <= tolerance else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------
+
+
+def _define_bench_flags():
+    from wm_jax.bench.peers import PEERS
+
+    flags.DEFINE_integer("total_blocks", 7, "AR steps (chunks) per rollout; the first --warmup_chunks are left out "
+                         "of the medians.")
+    flags.DEFINE_integer("warmup_chunks", 2, "Leading chunks left out of the medians (FlashDreams: 2).")
+    flags.DEFINE_integer("rollouts", 1, "Repeat the whole rollout (fresh cache) for more samples.")
+    flags.DEFINE_integer("pixel_height", None, "Video height, multiple of 16 (default: the recipe's).")
+    flags.DEFINE_integer("pixel_width", None, "Video width, multiple of 16 (default: the recipe's).")
+    flags.DEFINE_list("decoders", ["taehv", "wan_vae"], "Decoders timed after each step (taehv, wan_vae); end to "
+                      "end counts the recipe's own.")
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and compute dtype.")
+    flags.DEFINE_integer("num_devices", 1, "Devices of the Ulysses mesh (tokens and heads split over them).")
+    flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLEMENTATIONS),
+                      "Attention backend (auto: the fastest measured on this GPU kind).")
+    flags.DEFINE_multi_string("peer", [], "Run this peer's own loop in the same call (repeatable): "
+                              + ", ".join(PEERS) + ".")
+    flags.DEFINE_multi_string("upstream_dir", [], "The peer's checkout: DIR with one --peer; NAME=DIR per peer with "
+                              "several (diffusers-wan: optional, default the installed diffusers).")
+    flags.DEFINE_integer("peer_timeout", 1200, "Seconds a peer may run before it is stopped (its chunks so far "
+                         "are kept).")
+    flags.DEFINE_bool("peer_compile", True, "diffusers-wan: also time the torch.compile'd forward.")
+    flags.DEFINE_integer("forward_frames", None, "Latent frames of the bidirectional forward compared with "
+                         "diffusers-wan (default: the whole rollout, total_blocks x chunk frames).")
+    flags.DEFINE_string("output_dir", "benchmarks/results", "Where bench_<slug>_<gpu>_<date>.json and its .png "
+                        "are written.")
+    flags.DEFINE_string("json", None, "Write the JSON here instead (the plot goes beside it).")
+
+
+def _bench_peers() -> tuple[tuple[str, str | None], ...]:
+    """(peer, checkout) pairs from --peer / --upstream_dir."""
+    from wm_jax.bench.peers import PEERS
+
+    names = [n for item in FLAGS.peer for n in item.split(",") if n]
+    for name in names:
+        if name not in PEERS:
+            sys.stderr.write(f"wm-jax: error: --peer {name}: expected one of {', '.join(PEERS)}\n")
+            sys.exit(1)
+    if len(set(names)) != len(names):
+        raise UsageError(f"--peer {','.join(names)}: each peer once")
+    dirs = FLAGS.upstream_dir
+    if len(names) == 1 and len(dirs) == 1 and "=" not in dirs[0]:
+        return ((names[0], dirs[0]),)
+    by_name = {}
+    for item in dirs:
+        name, sep, folder = item.partition("=")
+        if not sep or name not in names:
+            raise UsageError(f"--upstream_dir {item}: expected NAME=DIR with NAME one of the --peer values "
+                             f"({', '.join(names) or 'none given'})")
+        by_name[name] = folder or None
+    return tuple((name, by_name.get(name)) for name in names)
+
+
+def _bench_main(argv):
+    if len(argv) != 2:
+        raise UsageError("expected one recipe: wm-jax bench <slug> [flags] (wm-jax run --help lists the recipes)")
+    slug = argv[1]
+    _check_slug(slug)
+    for name in ("total_blocks", "rollouts", "num_devices", "peer_timeout"):
+        if getattr(FLAGS, name) < 1:
+            _bad_value(name, "a positive integer")
+    if not 0 <= FLAGS.warmup_chunks < FLAGS.total_blocks:
+        _bad_value("warmup_chunks", f"0 .. --total_blocks - 1 ({FLAGS.total_blocks - 1})")
+    if FLAGS.upstream_dir and not FLAGS.peer:
+        raise UsageError("--upstream_dir is given without --peer")
+    bad = set(FLAGS.decoders) - {"taehv", "wan_vae"}
+    if bad:
+        _bad_value("decoders", "a comma list of taehv, wan_vae")
+    peers = _bench_peers()
+    from wm_jax.bench.peers import check_checkout
+
+    for name, folder in peers:  # before anything heavy; warnings print again when the run starts
+        check_checkout(name, folder)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # grow on demand: a 14B model + cache
+    import jax
+
+    from wm_jax.bench import report as R
+    from wm_jax.bench import step_latency as S
+
+    if FLAGS.num_devices > jax.device_count():
+        _bad_value("num_devices", f"at most the {jax.device_count()} devices present")
+    json_path = FLAGS.json or str(S.results_path(FLAGS.output_dir, slug, jax.devices()[0].device_kind,
+                                                 FLAGS.num_devices))
+    options = S.BenchOptions(
+        slug=slug, height=FLAGS.pixel_height, width=FLAGS.pixel_width, total_blocks=FLAGS.total_blocks,
+        rollouts=FLAGS.rollouts, warmup_chunks=FLAGS.warmup_chunks, decoders=tuple(FLAGS.decoders),
+        attention=FLAGS.attention, dtype=FLAGS.dtype, num_devices=FLAGS.num_devices, peers=peers,
+        peer_timeout_s=float(FLAGS.peer_timeout), peer_compile=FLAGS.peer_compile,
+        forward_frames=FLAGS.forward_frames, json=json_path, plot=str(Path(json_path).with_suffix(".png")))
+    report = S.run_bench(options, log=_stage)
+    print(R.format_report(report))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -432,7 +533,8 @@ def _serve_main(argv):
 
 COMMAND_ARGS = {"run": "<slug> [flags]", "serve": "[slug] [flags]  (default slug: tiny)",
                 "convert": "--src PATH --dst DIR [flags]", "parity": "CASE_DIR [--out OUT.npz] [--tolerance T]",
-                "train": "CONFIG.py --workdir DIR [--export DIR] [--override KEY=VALUE ...]"}
+                "train": "CONFIG.py --workdir DIR [--export DIR] [--override KEY=VALUE ...]",
+                "bench": "<slug> [--peer NAME --upstream_dir DIR] [flags]"}
 _DEVICES = ("devices", ("num_devices", "compute_dtype", "attention", "coordinator_address", "num_processes", "process_id",
                         "coordinator_timeout"))
 _WEIGHTS = ("weights", ("checkpoint", "hub_repo", "allow_pickle", "random_weights"))
@@ -450,8 +552,13 @@ FLAG_GROUPS = {  # every flag a command defines is in one group (tests/test_cli.
                 _LOGGING),
     "parity": (("output", ("out", "tolerance")), _LOGGING),
     "train": (("training", ("workdir", "export", "override")), _LOGGING),
+    "bench": (("rollout", ("total_blocks", "warmup_chunks", "rollouts", "pixel_height", "pixel_width", "decoders",
+                           "dtype", "forward_frames")),
+              ("devices", ("num_devices", "attention")),
+              ("peers", ("peer", "upstream_dir", "peer_timeout", "peer_compile")),
+              ("output", ("output_dir", "json")), _LOGGING),
 }
-METAVARS = {"src": "PATH", "dst": "DIR", "workdir": "DIR", "export": "DIR", "image": "PATH", "poses": "PATH",
+METAVARS = {"peer": "NAME", "upstream_dir": "DIR", "json": "FILE", "src": "PATH", "dst": "DIR", "workdir": "DIR", "export": "DIR", "image": "PATH", "poses": "PATH",
             "intrinsics": "PATH", "checkpoint": "DIR", "output_dir": "DIR", "state_dir": "DIR", "cache_dir": "DIR",
             "out": "FILE", "prompt": "TEXT", "hub_repo": "OWNER/NAME", "coordinator_address": "HOST:PORT",
             "override": "KEY=VALUE", "allow_patterns": "GLOB,...", "host": "ADDRESS"}
@@ -600,6 +707,7 @@ COMMANDS = {
     "convert": (_define_convert_flags, _convert_main),
     "parity": (_define_parity_flags, _parity_main),
     "train": (_define_train_flags, _train_main),
+    "bench": (_define_bench_flags, _bench_main),
 }
 HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 _current = {"command": None}

@@ -1,20 +1,20 @@
-"""Per-AR-step latency of a causal rollout (FlashDreams' method): denoise / commit / decode per chunk.
+"""Per-AR-step latency of a causal rollout, measured the way FlashDreams does, with peers in the same call.
 
-Builds the recipe's DiT with random weights drawn on the device in bf16 (abstract module from
-`nnx.eval_shape`, then one parameter at a time: no fp32 copy of the model), compiles the two streaming
-programs of `wm_jax.streaming.step.StreamingStep` ahead of time, and runs `--total_blocks` chunks:
+Ours: the recipe's DiT with random weights drawn on the devices in bf16 (abstract module from
+`nnx.eval_shape`, then one parameter at a time, in its sharding: no float32 copy of the model), the two
+streaming programs of `wm_jax.streaming.step.StreamingStep` compiled ahead of time, then `total_blocks`
+chunks of
 
     denoise (all k passes, cache read-only) -> commit (t = 0 pass, cache donated) -> decode (each decoder)
 
-each phase timed on the host with the device synchronised on both sides (`jax.block_until_ready`).
-Like FlashDreams, the first `--warmup_chunks` (2) chunks are dropped and the median is taken over the
-rest; the 6th chunk's denoise time is reported separately (FlashDreams' model-page number: 4 denoise
-passes at chunk index 5). FlashDreams' `total_ms_wo_finalize` = encode + diffuse + decode; their
-H100 Self-Forcing breakdown splits it as DiT 344 + commit 74 + TAEHV 7 = 425 ms, so compare
-`denoise` with their DiT figure and `denoise + commit` with their total minus decode.
+each phase timed on the host with the device synchronised on both sides. As FlashDreams, the first
+`warmup_chunks` (2) chunks are left out and the median is taken over the rest; the 6th chunk's denoise
+is reported too (FlashDreams' model pages: 4 denoise passes at chunk index 5). End to end per step is
+encode + denoise + commit + decode with the recipe's decoder; frames per second end to end are the video
+frames of a steady chunk over that time.
 
-Model FLOP utilisation counts the matmul FLOPs (2 per multiply-add) of one forward of a chunk of
-L = 3·(H/16)·(W/16) tokens against V valid cached tokens, D = dim, F = ffn_dim, Lc = text_len (512):
+Utilisation counts the matmul FLOPs (2 per multiply-add) of one forward of a chunk of L tokens against V
+valid cached tokens, D = dim, F = ffn_dim, Lc = text_len (512):
 
     per layer   2·L·4D²        self-attention q, k, v, o projections
               + 2·L·2D²        cross-attention q, o (cross K/V are computed once per prompt)
@@ -25,73 +25,115 @@ L = 3·(H/16)·(W/16) tokens against V valid cached tokens, D = dim, F = ffn_dim
     once        2·L·(4·C_in)·D + 2·L·D·(4·C_out)   patch embedding and head
               + 2·L·(4·C_cam·D + 2D²)              camera embedding (camera models)
 
-denoise FLOPs = k forwards, commit = 1 forward (both at the chunk's V); utilisation = FLOPs / time /
-`--peak_tflops` (bf16 dense; 989 = H100 SXM datasheet; the H100 here measured ~800 on a large GEMM).
+(denoise = k forwards, commit = 1) against the bf16 matmul ceiling measured in the same call (a large
+square GEMM on one device, `matmul_ceiling`), never a datasheet figure.
 
-With `--num_devices N` the step runs Ulysses over N devices (the engine's `RolloutPlan` and sharding
-table); the weights are drawn directly in their sharding, memory is reported per device, and on GPUs
-the 6th chunk's denoise is also traced once (`jax.profiler`, untimed) for the kernel time per category
-on GPU 0, the all_to_all collectives included. Utilisation is against N x `--peak_tflops`.
-
-GPU runs (exact commands; nothing to carry besides the repo):
-
-    # Self-Forcing 1.3B, 480x832, 7 blocks, TAEHV and Wan VAE decoders (H100)
-    python benchmarks/step_latency.py --json $OUT/step_sf.json
-    # LingBot-World Fast (14B + camera, 464x832, 1 GPU: 37 GB weights + 27 GB cache: use nvidia-h200)
-    python benchmarks/step_latency.py --slug lingbot-world-fast --json $OUT/step_lingbot.json
-    # 1 and 2 GPUs (nvidia-h200-x2), as in README
-    python benchmarks/step_latency.py --total_blocks 7 --decoder taehv --slug lingbot-world-fast --num_devices 2 \
-        --json $OUT/step_lingbot_2gpu.json
-
-CPU smoke test: `JAX_PLATFORMS=cpu python benchmarks/step_latency.py --small [--slug lingbot-world-fast]`
-(add `XLA_FLAGS=--xla_force_host_platform_device_count=2` and `--num_devices 2` for the mesh)
+Peers (`wm_jax.bench.peers`) run first, each in a child process on the same GPUs with our shapes and
+random weights of the same sizes, cuDNN SDPA forced; a forward peer (diffusers-wan) is compared with our
+bidirectional forward of the same token count, on the same weights as our rollout.
 """
 
 from __future__ import annotations
 
-import os
+import collections
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # grow on demand: 14B + cache needs > 75 %
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from wm_jax.bench.common import (block, device_memory, fill_random_params, gpu_kernel_events, kernel_category,
+                                 kernel_time_by_category, run_metadata, tree_bytes, write_json)
+from wm_jax.bench.peers import PEERS, Checkout, check_checkout, run_peer
+from wm_jax.bench.peers.job import PeerJob
+from wm_jax.io.video import frames_to_uint8
+from wm_jax.models.config import WanConfig, preset
+from wm_jax.models.wan import WanModel
+from wm_jax.parallel.mesh import SEQUENCE_AXIS, local_replica, make_mesh, put_replicated
+from wm_jax.parallel.sharding import ShardingRules, flat_param_shardings
+from wm_jax.streaming.decoders import on_mesh
+from wm_jax.streaming.plan import RolloutPlan
+from wm_jax.streaming.recipes import Recipe, load_recipe
+from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from _common import (block, device_memory, fill_random_params, format_table, gpu_kernel_events,  # noqa: E402
-                     kernel_category, kernel_time_by_category, run_metadata, tree_bytes, write_json)
-from wm_jax.io.video import frames_to_uint8  # noqa: E402
-from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS  # noqa: E402
-from wm_jax.models.config import WanConfig, preset  # noqa: E402
-from wm_jax.models.wan import WanModel  # noqa: E402
-from wm_jax.parallel.mesh import SEQUENCE_AXIS, local_replica, make_mesh, put_replicated  # noqa: E402
-from wm_jax.parallel.sharding import ShardingRules, flat_param_shardings  # noqa: E402
-from wm_jax.streaming.decoders import on_mesh  # noqa: E402
-from wm_jax.streaming.plan import RolloutPlan  # noqa: E402
-from wm_jax.streaming.recipes import load_recipe  # noqa: E402
-from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise  # noqa: E402
-
-REFERENCE = {
-    "self-forcing-wan2.1-t2v-1.3b": "FlashDreams H100: 344 ms denoise (4 passes, 6th chunk), 74 ms commit; "
-                                    "floor from FLOPs ~ 190 ms",
-    "lingbot-world-fast": "FlashDreams H100, 4 GPUs Ulysses: 629 ms DiT (4 steps, 6th chunk), 783 ms total; "
-                          "--num_devices sets this run's GPUs",
+PUBLISHED = {  # FlashDreams' model pages (SPEC section 9): DiT ms, 4 denoise passes, 6th chunk; other hardware
+    "self-forcing-wan2.1-t2v-1.3b": {"hardware": "H100, 1 GPU", "denoise_ms": 344.0, "commit_ms": 74.0,
+                                     "official_denoise_ms": 432.0},
+    "lingbot-world-fast": {"hardware": "H100, 4 GPUs Ulysses", "denoise_ms": 629.0, "official_denoise_ms": 1950.0},
 }
+PUBLISHED_FORWARD = {"wan2.1-t2v-1.3b": {"hardware": "H100, 1 GPU", "forward_ms_per_step": 1040.0,
+                                         "official_ms_per_step": 1140.0}}
 VALUE_RANGES = {"taehv": (0.0, 1.0), "wan_vae": (-1.0, 1.0)}  # wm_jax.streaming.decoders.Decoder.value_range
 SMALL_MODEL = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 
 
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    """What `wm-jax bench` and benchmarks/step_latency.py measure (None: the recipe's value, or --small's).
+
+    peers: (name, checkout folder or None) pairs, run before ours. forward_frames: latent frames of the
+    bidirectional forward compared with forward peers (default: the whole rollout, total_blocks · chunk).
+    """
+
+    slug: str = "self-forcing-wan2.1-t2v-1.3b"
+    height: int | None = None
+    width: int | None = None
+    total_blocks: int | None = None
+    rollouts: int = 1
+    warmup_chunks: int = 2
+    decoders: tuple[str, ...] | None = None
+    encode: bool = False
+    attention: str = "auto"
+    dtype: str | None = None
+    text_tokens: int = 32
+    vae_dim: int | None = None
+    seed: int = 0
+    num_devices: int = 1
+    context_heads: str = "replicated"
+    profile_chunk: int | None = None
+    small: bool = False
+    peers: tuple[tuple[str, str | None], ...] = ()
+    peer_timeout_s: float = 1200.0
+    forward_frames: int | None = None
+    forward_iters: int = 5
+    peer_compile: bool = True
+    json: str | None = None
+    plot: str | None = None
+
+
+def resolve(opts: BenchOptions) -> tuple[BenchOptions, Recipe]:
+    """Fills the options left None from the recipe (full size, bf16, 7 blocks, both decoders) or `small`."""
+    recipe = load_recipe(opts.slug)
+    small = opts.small
+    defaults = dict(height=64 if small else recipe.pixel_height, width=96 if small else recipe.pixel_width,
+                    total_blocks=4 if small else 7, dtype="float32" if small else "bfloat16",
+                    vae_dim=8 if small else recipe.vae_config.get("dim", 96), decoders=("taehv", "wan_vae"))
+    opts = dataclasses.replace(opts, **{k: v for k, v in defaults.items() if getattr(opts, k) is None})
+    bad = set(opts.decoders) - set(VALUE_RANGES)
+    if bad:
+        raise ValueError(f"decoders {sorted(bad)}: expected a subset of {sorted(VALUE_RANGES)}")
+    if opts.forward_frames is None:
+        opts = dataclasses.replace(opts, forward_frames=opts.total_blocks * recipe.chunk_frames)
+    return opts, recipe
+
+
+def model_config(recipe: Recipe, opts: BenchOptions) -> WanConfig:
+    base = preset(recipe.model) if isinstance(recipe.model, str) else WanConfig(**recipe.model)
+    if opts.small:
+        base = WanConfig(**SMALL_MODEL, in_dim=base.in_dim, out_dim=base.out_dim,
+                         camera_channels=base.camera_channels, fp32_modulation=base.fp32_modulation)
+    return base.replace(param_dtype=opts.dtype)
+
+
 def forward_flops(cfg: WanConfig, chunk_tokens: int, valid_cache_tokens: int) -> float:
-    """Matmul FLOPs of one forward; see the module docstring for the formula."""
+    """Matmul FLOPs of one forward of `chunk_tokens` queries over themselves and `valid_cache_tokens` cached
+    tokens; see the module docstring for the formula."""
     d, f, L, V = cfg.dim, cfg.ffn_dim, chunk_tokens, valid_cache_tokens
     per_layer = 2 * L * 4 * d * d + 2 * L * 2 * d * d + 2 * L * 2 * d * f
     if cfg.camera_channels:
@@ -105,19 +147,43 @@ def forward_flops(cfg: WanConfig, chunk_tokens: int, valid_cache_tokens: int) ->
     return float(cfg.num_layers * per_layer + top)
 
 
+def matmul_ceiling(dtype, size: int | None = None, calls: int = 10, repeats: int = 5) -> dict[str, Any]:
+    """The dense matmul rate this device reaches in `dtype` now: a size³ GEMM (8192 on GPUs, 512 on the CPU),
+    `calls` back to back between two host syncs, the best of `repeats` (TFLOP/s)."""
+    size = size or (8192 if jax.default_backend() == "gpu" else 512)
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (size, size), dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), dtype)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(dtype))
+    block(matmul(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = matmul(a, b)
+        block(out)
+        best = min(best, (time.perf_counter() - start) / calls)
+    del a, b, out
+    return {"size": size, "dtype": jnp.dtype(dtype).name, "ms": best * 1e3,
+            "tflops": 2 * size ** 3 / best / 1e12}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Decoders (random weights on the device).
 # ---------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
 class TimedDecoder:
-    def __init__(self, name, init_state, step):
-        self.name, self.init_state, self.step = name, init_state, step
+    name: str
+    init_state: Callable
+    step: Callable
 
 
 def make_taehv(small: bool, dtype, seed: int, mesh) -> TimedDecoder:
-    """The engine's TAEHV decoder (`wm_jax.streaming.decoders.taehv_decoder`: `decode_chunk` under one jax.jit,
-    parameters as arguments, state donated) with random weights drawn on the device, replicated on the mesh."""
+    """The engine's TAEHV decoder (`wm_jax.streaming.decoders.taehv_decoder`) with random weights drawn on the
+    device, replicated on the mesh."""
     from wm_jax.models import taehv as T
     from wm_jax.streaming.decoders import taehv_decoder
 
@@ -128,113 +194,200 @@ def make_taehv(small: bool, dtype, seed: int, mesh) -> TimedDecoder:
     return TimedDecoder("taehv", lambda b, h, w: put_replicated(dec.init_state(b, h, w), mesh), dec.step)
 
 
-def make_wan_vae(vae_dim: int, dtype, seed: int, mesh):
+def make_wan_vae(vae_dim: int, dtype, seed: int, mesh, config: dict | None = None):
+    """The engine's Wan VAE decoder (cache donated) with random weights, `config` (the recipe's `vae_config`)
+    at width `vae_dim`; also returns the VAE (its encoder)."""
     from wm_jax.models import wan_vae as W
     from wm_jax.streaming.decoders import wan_vae_decoder
 
     name = jnp.dtype(dtype).name
-    vae = nnx.eval_shape(lambda: W.WanVAE(W.WanVAEConfig(dim=vae_dim, param_dtype=name, compute_dtype=name),
+    fields = {**(config or {}), "dim": vae_dim, "param_dtype": name, "compute_dtype": name}
+    vae = nnx.eval_shape(lambda: W.WanVAE(W.WanVAEConfig(**fields),
                                           rngs=nnx.Rngs(0)))
     fill_random_params(vae, seed=seed, stacked_prefixes=())
     vae = on_mesh(vae, mesh)
     vae.compute_dtype = dtype
-    dec = wan_vae_decoder(vae)  # engine's: jit_decode_chunk(vae, donate_cache=True)
+    dec = wan_vae_decoder(vae)
     return TimedDecoder("wan_vae", lambda b, h, w: put_replicated(dec.init_state(b, h, w), mesh), dec.step), vae
 
 
 # ---------------------------------------------------------------------------------------------------
+# Peers.
+# ---------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--slug", default="self-forcing-wan2.1-t2v-1.3b")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the recipe's; --small 64)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the recipe's; --small 96)")
-    p.add_argument("--total_blocks", type=int, default=None, help="chunks per rollout (default 7; --small 4)")
-    p.add_argument("--rollouts", type=int, default=1, help="repeat the whole rollout (fresh cache) for more samples")
-    p.add_argument("--warmup_chunks", type=int, default=2, help="leading chunks of each rollout left out")
-    p.add_argument("--decoder", default="taehv,wan_vae", help="comma list of taehv | wan_vae | none")
-    p.add_argument("--encode", action="store_true",
-                   help="I2V recipes: make y with the Wan VAE encoder every chunk (timed as encode) instead of random")
-    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
-                   help="attention backend (wm_jax.kernels.attention; auto = the fastest measured on this GPU kind)")
-    p.add_argument("--dtype", default=None, help="weights/compute dtype (default bfloat16; --small float32)")
-    p.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak for utilisation (H100 SXM 989)")
-    p.add_argument("--text_tokens", type=int, default=32, help="real prompt tokens (padded to text_len)")
-    p.add_argument("--vae_dim", type=int, default=None, help="Wan VAE width (default 96; --small 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_devices", type=int, default=1,
-                   help="devices of the Ulysses mesh (tokens and heads split over them); weights replicated")
-    p.add_argument("--context_heads", choices=["replicated", "sharded"], default="replicated",
-                   help="cross-attention K/V: whole on every device (no exchange) or head-sharded (two more "
-                        "all_to_alls per layer, 1/P of their memory); the sharding table's context_heads")
-    p.add_argument("--profile_chunk", type=int, default=None,
-                   help="trace this chunk's denoise (all passes) with jax.profiler: GPU kernel ms per category on "
-                        "device 0, incl. the all_to_all collectives (default: the 6th chunk on GPUs, none on CPU)")
-    p.add_argument("--small", action="store_true",
-                   help="tiny model (dim 256, 2 heads, 2 layers), 64x96, fp32 (CPU smoke test)")
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    recipe = load_recipe(args.slug)
-    small = args.small
-    defaults = dict(height=64 if small else recipe.pixel_height, width=96 if small else recipe.pixel_width,
-                    total_blocks=4 if small else 7, dtype="float32" if small else "bfloat16",
-                    vae_dim=8 if small else 96)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.decoders = [d for d in args.decoder.split(",") if d and d != "none"]
-    bad = set(args.decoders) - {"taehv", "wan_vae"}
-    if bad:
-        p.error(f"unknown decoders {sorted(bad)}")
-    return args, recipe
+def check_peers(opts: BenchOptions) -> dict[str, Checkout]:
+    """Every requested peer's checkout, checked before anything heavy (raises PeerSetupError)."""
+    return {name: check_checkout(name, upstream_dir) for name, upstream_dir in opts.peers}
 
 
-def model_config(recipe, args) -> WanConfig:
-    if args.small:
-        base = preset(recipe.model) if isinstance(recipe.model, str) else WanConfig(**recipe.model)
-        cfg = WanConfig(**SMALL_MODEL, in_dim=base.in_dim, out_dim=base.out_dim,
-                        camera_channels=base.camera_channels, fp32_modulation=base.fp32_modulation)
-    else:
-        cfg = preset(recipe.model) if isinstance(recipe.model, str) else WanConfig(**recipe.model)
-    return cfg.replace(param_dtype=args.dtype)
+def peer_job(name: str, checkout: Checkout, opts: BenchOptions, recipe: Recipe, cfg: WanConfig,
+             plan: RolloutPlan) -> PeerJob:
+    """Our shapes for a peer: the rollout plan's geometry and cache window, the recipe's pass count."""
+    schedule = recipe.step_schedule()
+    layout = plan.cache
+    global_cache = layout.sink_frames + layout.ring_frames >= plan.latent_frames
+    return PeerJob(
+        peer=name, upstream_dir=checkout.path, model=cfg.to_dict(), pixel_height=plan.pixel_height,
+        pixel_width=plan.pixel_width, latent_height=plan.latent_height, latent_width=plan.latent_width,
+        latent_channels=plan.latent_channels, chunk_frames=plan.chunk_frames, tokens_per_frame=plan.tokens_per_frame,
+        total_blocks=plan.total_blocks, timesteps=[float(t) for t in schedule.t], context_timestep=0.0,
+        shift=float(recipe.shift), sink_frames=layout.sink_frames,
+        window_frames=None if global_cache else layout.ring_frames, text_tokens=opts.text_tokens, dtype=opts.dtype,
+        seed=opts.seed, device="cuda" if jax.default_backend() == "gpu" else "cpu",
+        forward_frames=opts.forward_frames, forward_iters=opts.forward_iters, compile=opts.peer_compile)
 
 
-def main(argv=None):
-    args, recipe = parse_args(argv)
+def summarize_chunks(chunks: list[dict], warmup_chunks: int) -> dict[str, Any]:
+    """FlashDreams' figures of a list of per-chunk records: medians over chunks >= warmup_chunks, 6th chunk."""
+    steady = [c for c in chunks if c["autoregressive_index"] >= warmup_chunks]
+    sixth = [c for c in chunks if c["autoregressive_index"] == 5]
+    med = lambda key, rows: statistics.median([c[key] for c in rows]) if rows else None
+    return {"chunks_in_median": len(steady), "denoise_ms": med("denoise_ms", steady),
+            "commit_ms": med("commit_ms", steady),
+            "denoise_plus_commit_ms": statistics.median([c["denoise_ms"] + c["commit_ms"] for c in steady])
+            if steady else None,
+            "chunk6_denoise_ms": med("denoise_ms", sixth), "chunk6_commit_ms": med("commit_ms", sixth)}
+
+
+def run_peers(opts: BenchOptions, checkouts: dict[str, Checkout], recipe, cfg, plan, log) -> dict[str, dict]:
+    results = {}
+    for name, checkout in checkouts.items():
+        job = peer_job(name, checkout, opts, recipe, cfg, plan)
+        log(f"peer {name}: {PEERS[name].loop} from {checkout.path or 'the installed package'}")
+        start = time.perf_counter()
+        result = run_peer(job, timeout_s=opts.peer_timeout_s, log=log)
+        result["wall_s"] = time.perf_counter() - start
+        result.update(kind=PEERS[name].kind, repo=PEERS[name].repo, loop=PEERS[name].loop,
+                      upstream_dir=checkout.path, commit=checkout.commit, expected_commit=PEERS[name].commit,
+                      checkout_warnings=list(checkout.warnings), job=dataclasses.asdict(job))
+        if result.get("chunks"):
+            result["summary"] = summarize_chunks(result["chunks"], opts.warmup_chunks)
+        if result.get("forward"):
+            result["forward_summary"] = {variant: {"median_ms": statistics.median(v["ms"]) if v["ms"] else None,
+                                                   "calls": len(v["ms"]), "compile_s": v.get("compile_s")}
+                                         for variant, v in result["forward"].items()}
+        if result.get("error"):
+            log(f"peer {name} stopped: {result['error']}")
+        results[name] = result
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ours.
+# ---------------------------------------------------------------------------------------------------
+
+
+def our_forward(step: StreamingStep, plan: RolloutPlan, cfg: WanConfig, opts: BenchOptions, text, log) -> dict:
+    """Our bidirectional forward (no cache, full attention over `forward_frames` frames) on the rollout's
+    weights, timed like the forward peers: 2 untimed calls, then `forward_iters` calls, device synchronised."""
+    frames = opts.forward_frames
+    shape = (1, frames, plan.latent_height, plan.latent_width, plan.latent_channels)
+    key = jax.random.key(opts.seed + 3)
+    x = jax.random.normal(key, shape, step.compute_dtype)
+    y = (jax.random.normal(jax.random.fold_in(key, 1), shape[:4] + (plan.condition_channels,), step.compute_dtype)
+         if plan.condition_channels else None)
+    t = jnp.full((1,), 500, jnp.int32)
+
+    @jax.jit
+    def forward(params, x, t, text, y):
+        return nnx.merge(step.graphdef, params)(x, t, text, y=y)
+
+    start = time.perf_counter()
+    compiled = forward.lower(step.params, x, t, text, y).compile()
+    compile_s = time.perf_counter() - start
+    times = []
+    for i in range(2 + opts.forward_iters):
+        start = time.perf_counter()
+        block(compiled(step.params, x, t, text, y))
+        if i >= 2:
+            times.append((time.perf_counter() - start) * 1e3)
+    tokens = frames * plan.tokens_per_frame
+    flops = forward_flops(cfg, tokens, 0)
+    median = statistics.median(times)
+    log(f"our bidirectional forward, {frames} frames ({tokens} tokens): {median:.1f} ms (compile {compile_s:.1f} s)")
+    return {"frames": frames, "tokens": tokens, "ms": times, "median_ms": median, "compile_s": compile_s,
+            "flops": flops, "tflops_per_s": flops / (median * 1e-3) / 1e12,
+            "camera_path": "skipped (no camera input)" if cfg.camera_channels else None}
+
+
+def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the peers, then ours; returns the report (also written to `opts.json`, plotted to `opts.plot`)."""
+    from wm_jax.bench import report as R
+
+    opts, recipe = resolve(opts)
+    checkouts = check_peers(opts)
+    for checkout in checkouts.values():
+        for warning in checkout.warnings:
+            log(f"warning: {warning}")
     meta = run_metadata()
-    dtype = jnp.dtype(args.dtype)
-    cfg = model_config(recipe, args)
-    mesh = make_mesh(args.num_devices)
-    rules = ShardingRules(context_heads=SEQUENCE_AXIS if args.context_heads == "sharded" else None)
-    plan = RolloutPlan.for_recipe(recipe.replace(pixel_height=args.height, pixel_width=args.width,
-                                                 total_blocks=args.total_blocks), cfg, mesh, rules)
-    lat_h, lat_w, chunk, tpf, chunk_tokens = (plan.latent_height, plan.latent_width, plan.chunk_frames,
-                                              plan.tokens_per_frame, plan.chunk_tokens)
+    dtype = jnp.dtype(opts.dtype)
+    cfg = model_config(recipe, opts)
+    mesh = make_mesh(opts.num_devices)
+    rules = ShardingRules(context_heads=SEQUENCE_AXIS if opts.context_heads == "sharded" else None)
+    plan = RolloutPlan.for_recipe(recipe.replace(pixel_height=opts.height, pixel_width=opts.width,
+                                                 total_blocks=opts.total_blocks), cfg, mesh, rules)
+    log(f"{opts.slug}: {cfg.num_layers} layers, dim {cfg.dim}, {opts.height}x{opts.width} ({plan.chunk_tokens} "
+        f"tokens/chunk, {plan.chunk_tokens_per_device} per device), cache sink {plan.cache.sink_frames} + ring "
+        f"{plan.cache.ring_frames} frames, {recipe.step_schedule().num_steps} passes, {opts.dtype}, "
+        f"{plan.num_devices} x {meta['device_kind']}")
+
+    ceiling = matmul_ceiling(dtype)
+    log(f"matmul ceiling ({ceiling['size']}^3 {ceiling['dtype']} GEMM, this call): {ceiling['tflops']:.3g} TFLOP/s")
+    peers = run_peers(opts, checkouts, recipe, cfg, plan, log)
+    ours = our_rollout(opts, recipe, cfg, plan, ceiling, meta, log,
+                       forward=any(PEERS[name].kind == "forward" for name in checkouts))
+    report = {**meta, "benchmark": "bench", "slug": opts.slug, "options": dataclasses.asdict(opts),
+              "matmul_ceiling": ceiling, "ours": ours, "peers": peers,
+              "published": None if opts.small else PUBLISHED.get(opts.slug),
+              "published_forward": None if opts.small else PUBLISHED_FORWARD.get(cfg_name(recipe)),
+              "plan": plan.describe()}
+    report["comparison"] = R.comparison_rows(report)
+    if opts.json:
+        write_json(opts.json, report)
+    if opts.plot:
+        R.plot(report, opts.plot)
+        log(f"wrote {opts.plot}")
+    return report
+
+
+def cfg_name(recipe: Recipe) -> str | None:
+    """The bidirectional base model a causal recipe distils (the published forward figures' key)."""
+    return "wan2.1-t2v-1.3b" if recipe.model in ("self-forcing-1.3b", "wan2.1-t2v-1.3b") else None
+
+
+def default_output_name(slug: str, device_kind: str, num_devices: int, day: date | None = None) -> str:
+    """bench_<slug>_<gpu kind>[x<n>]_<date>: the results' file stem (named by date, GPU kind and preset)."""
+    kind = device_kind.lower().replace("nvidia", "").strip().replace(" ", "-") or "device"
+    suffix = f"x{num_devices}" if num_devices > 1 else ""
+    return f"bench_{slug}_{kind}{suffix}_{(day or date.today()).isoformat()}"
+
+
+def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: RolloutPlan, ceiling: dict, meta: dict,
+                log, forward: bool) -> dict[str, Any]:
+    dtype = jnp.dtype(opts.dtype)
+    mesh = plan.mesh
+    lat_h, lat_w, chunk, tpf = plan.latent_height, plan.latent_width, plan.chunk_frames, plan.tokens_per_frame
     layout = plan.cache
     schedule = recipe.step_schedule()
     k = schedule.num_steps
     i2v = plan.condition_channels > 0
-    if args.profile_chunk is None and jax.default_backend() == "gpu":
-        args.profile_chunk = min(5, args.total_blocks - 1)
-    print(f"{args.slug}: {cfg.num_layers} layers, dim {cfg.dim}, {args.height}x{args.width} "
-          f"({chunk_tokens} tokens/chunk, {plan.chunk_tokens_per_device} per device), cache sink "
-          f"{layout.sink_frames} + ring {layout.ring_frames} frames, {k} passes, {args.dtype}, "
-          f"{plan.num_devices} x {meta['device_kind']}", flush=True)
+    profile_chunk = opts.profile_chunk
+    if profile_chunk is None and jax.default_backend() == "gpu":
+        profile_chunk = min(5, plan.total_blocks - 1)
 
     # ---- build: weights on the devices in their sharding, one parameter at a time -----------------
     start = time.perf_counter()
-    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype,
-                                            attention_impl=args.attention))
-    n_params = fill_random_params(model, seed=args.seed,
+    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype, attention_impl=opts.attention))
+    n_params = fill_random_params(model, seed=opts.seed,
                                   shardings=flat_param_shardings(nnx.state(model), plan.rules, mesh))
     step = StreamingStep(model, schedule, plan)
     weight_bytes = tree_bytes(step.params)
     build_s = time.perf_counter() - start
     mem_after_weights = device_memory()
 
-    key = jax.random.key(args.seed + 1)
-    text = jax.random.normal(jax.random.fold_in(key, 0), (1, args.text_tokens, cfg.text_dim), jnp.float32)
+    key = jax.random.key(opts.seed + 1)
+    text = jax.random.normal(jax.random.fold_in(key, 0), (1, opts.text_tokens, cfg.text_dim), jnp.float32)
     start = time.perf_counter()
     cross = block(step.cross_kv(text))
     cross_kv_s = time.perf_counter() - start
@@ -251,16 +404,17 @@ def main(argv=None):
                if cfg.camera_channels else None)
         cond_sets.append(step.whole(ChunkInputs(y=y, camera=cam)))
 
-    decoders = []
-    encoder_vae = None
-    for i, name in enumerate(args.decoders):
+    decoders, encoder_vae = [], None
+    for i, name in enumerate(opts.decoders):
         if name == "taehv":
-            decoders.append(make_taehv(args.small, dtype, seed=args.seed + 10 + i, mesh=mesh))
+            decoders.append(make_taehv(opts.small, dtype, seed=opts.seed + 10 + i, mesh=mesh))
         else:
-            dec, encoder_vae = make_wan_vae(args.vae_dim, dtype, seed=args.seed + 10 + i, mesh=mesh)
+            dec, encoder_vae = make_wan_vae(opts.vae_dim, dtype, seed=opts.seed + 10 + i, mesh=mesh,
+                                            config=recipe.vae_config)
             decoders.append(dec)
-    if args.encode and i2v and encoder_vae is None:
-        _, encoder_vae = make_wan_vae(args.vae_dim, dtype, seed=args.seed + 20, mesh=mesh)
+    if opts.encode and i2v and encoder_vae is None:
+        _, encoder_vae = make_wan_vae(opts.vae_dim, dtype, seed=opts.seed + 20, mesh=mesh, config=recipe.vae_config)
+    end_to_end_decoder = recipe.decoder if recipe.decoder in opts.decoders else (opts.decoders[0] if decoders else None)
 
     # ---- compile ahead of time, like the engine -------------------------------------------------
     noise0 = block(noise_fn(key, 0))
@@ -271,24 +425,23 @@ def main(argv=None):
     x0_spec = jax.ShapeDtypeStruct(noise0.shape[1:], jnp.float32, sharding=step.replicated)
     commit = step.commit.lower(step.params, cache, cross, x0_spec, cond_sets[0]).compile()
     commit_compile_s = time.perf_counter() - start
-    print(f"built {n_params / 1e9:.3f} B params in {build_s:.1f} s; compile denoise {denoise_compile_s:.1f} s, "
-          f"commit {commit_compile_s:.1f} s", flush=True)
+    log(f"built {n_params / 1e9:.3f} B params in {build_s:.1f} s; compile denoise {denoise_compile_s:.1f} s, "
+        f"commit {commit_compile_s:.1f} s")
 
     # ---- rollouts --------------------------------------------------------------------------------
-    image = step.whole(jax.random.uniform(jax.random.fold_in(key, 7), (1, args.height, args.width, 3), jnp.float32,
+    image = step.whole(jax.random.uniform(jax.random.fold_in(key, 7), (1, opts.height, opts.width, 3), jnp.float32,
                                           -1.0, 1.0))
-    chunks = []
-    profile = None
+    ceiling_flops = ceiling["tflops"] * 1e12 * plan.num_devices
+    chunks, profile = [], None
     decoder_first_call_s = {d.name: [] for d in decoders}
     finite = True
-    for r in range(args.rollouts):
+    for r in range(opts.rollouts):
         cache = step.init_cache()
         states = {d.name: d.init_state(1, lat_h, lat_w) for d in decoders}
-        enc_cache = (put_replicated(encoder_vae.init_encoder_cache(1, args.height, args.width), mesh)
-                     if (args.encode and i2v) else None)
-        for i in range(args.total_blocks):
-            valid_tokens = int(plan.cache.valid_tokens(i * chunk))  # the cache the chunk attends to
-            valid = valid_tokens // tpf
+        enc_cache = (put_replicated(encoder_vae.init_encoder_cache(1, opts.height, opts.width), mesh)
+                     if (opts.encode and i2v) else None)
+        for i in range(plan.total_blocks):
+            valid_tokens = int(layout.valid_tokens(i * chunk))  # the cache the chunk attends to
             noise = block(noise_fn(key, i))
             inputs = cond_sets[i % len(cond_sets)]
             encode_ms = 0.0
@@ -300,7 +453,7 @@ def main(argv=None):
                                                          image=image if i == 0 else None))
                 encode_ms = (time.perf_counter() - t) * 1e3
                 inputs = ChunkInputs(y=y, camera=inputs.camera)
-            if r == 0 and i == args.profile_chunk:  # an extra, untimed denoise of this chunk under the profiler
+            if r == 0 and i == profile_chunk:  # an extra, untimed denoise of this chunk under the profiler
                 profile = profile_denoise(lambda: denoise(step.params, cache, cross, noise, inputs), k)
             t0 = time.perf_counter()
             x0 = block(denoise(step.params, cache, cross, noise, inputs))
@@ -321,104 +474,65 @@ def main(argv=None):
                     frames_to_uint8(local_replica(frames), VALUE_RANGES[d.name])  # raises on NaN/inf
                     d2h_ms = (time.perf_counter() - t) * 1e3
             finite &= bool(jnp.isfinite(x0).all())
-            den_flops = k * forward_flops(cfg, chunk_tokens, valid_tokens)
-            com_flops = forward_flops(cfg, chunk_tokens, valid_tokens)
+            den_flops = k * forward_flops(cfg, plan.chunk_tokens, valid_tokens)
+            com_flops = forward_flops(cfg, plan.chunk_tokens, valid_tokens)
             den_ms, com_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
-            rec = {"rollout": r, "autoregressive_index": i, "valid_cache_frames": valid, "encode_ms": encode_ms,
-                   "denoise_ms": den_ms, "commit_ms": com_ms, "decode_ms": decode_ms, "d2h_uint8_frames_ms": d2h_ms,
-                   "denoise_flops": den_flops, "commit_flops": com_flops,
+            e2e_ms = encode_ms + den_ms + com_ms + (decode_ms[end_to_end_decoder] if end_to_end_decoder else 0.0)
+            rec = {"rollout": r, "autoregressive_index": i, "valid_cache_frames": valid_tokens // tpf,
+                   "encode_ms": encode_ms, "denoise_ms": den_ms, "commit_ms": com_ms, "decode_ms": decode_ms,
+                   "d2h_uint8_frames_ms": d2h_ms, "end_to_end_ms": e2e_ms,
+                   "video_frames": plan.chunk_pixel_frames(i), "denoise_flops": den_flops, "commit_flops": com_flops,
                    "denoise_tflops_per_s": den_flops / (den_ms * 1e-3) / 1e12,
-                   "commit_tflops_per_s": com_flops / (com_ms * 1e-3) / 1e12}
-            rec["denoise_mfu"] = rec["denoise_tflops_per_s"] / (args.peak_tflops * plan.num_devices)
-            rec["commit_mfu"] = rec["commit_tflops_per_s"] / (args.peak_tflops * plan.num_devices)
-            rec["total_ms"] = {n: encode_ms + den_ms + com_ms + v for n, v in decode_ms.items()} or \
-                {"no_decoder": encode_ms + den_ms + com_ms}
+                   "commit_tflops_per_s": com_flops / (com_ms * 1e-3) / 1e12,
+                   "denoise_utilisation": den_flops / (den_ms * 1e-3) / ceiling_flops,
+                   "commit_utilisation": com_flops / (com_ms * 1e-3) / ceiling_flops}
             chunks.append(rec)
-            print(f"  rollout {r} chunk {i}: cache {valid:2d} fr, denoise {den_ms:8.2f} ms "
-                  f"({rec['denoise_mfu'] * 100:4.1f} % MFU), commit {com_ms:7.2f} ms, decode "
-                  + ", ".join(f"{n} {v:.2f}" for n, v in decode_ms.items())
-                  + (f", encode {encode_ms:.2f}" if enc_cache is not None else ""), flush=True)
+            log(f"  rollout {r} chunk {i}: cache {rec['valid_cache_frames']:2d} fr, denoise {den_ms:8.2f} ms "
+                f"({rec['denoise_utilisation'] * 100:4.1f} % of the ceiling), commit {com_ms:7.2f} ms, decode "
+                + ", ".join(f"{n} {v:.2f}" for n, v in decode_ms.items())
+                + (f", encode {encode_ms:.2f}" if enc_cache is not None else ""))
 
     # ---- summary ---------------------------------------------------------------------------------
-    steady = [c for c in chunks if c["autoregressive_index"] >= args.warmup_chunks]
+    steady = [c for c in chunks if c["autoregressive_index"] >= opts.warmup_chunks]
     med = lambda xs: statistics.median(xs) if xs else None
-    summary = {
-        "chunks_in_median": len(steady),
-        "denoise_ms": med([c["denoise_ms"] for c in steady]),
-        "commit_ms": med([c["commit_ms"] for c in steady]),
+    summary = summarize_chunks(chunks, opts.warmup_chunks)
+    summary.update({
         "encode_ms": med([c["encode_ms"] for c in steady]),
         "decode_ms": {d.name: med([c["decode_ms"][d.name] for c in steady]) for d in decoders},
-        "total_ms": {n: med([c["total_ms"][n] for c in steady]) for n in (steady[0]["total_ms"] if steady else {})},
-        "denoise_plus_commit_ms": med([c["denoise_ms"] + c["commit_ms"] for c in steady]),
-        "denoise_mfu": med([c["denoise_mfu"] for c in steady]),
-        "commit_mfu": med([c["commit_mfu"] for c in steady]),
+        "end_to_end_decoder": end_to_end_decoder,
+        "end_to_end_ms": med([c["end_to_end_ms"] for c in steady]),
+        "denoise_utilisation": med([c["denoise_utilisation"] for c in steady]),
+        "commit_utilisation": med([c["commit_utilisation"] for c in steady]),
         "d2h_uint8_frames_ms": med([c["d2h_uint8_frames_ms"] for c in steady if c["d2h_uint8_frames_ms"] is not None]),
-    }
-    sixth = [c for c in chunks if c["autoregressive_index"] == 5]
-    summary["chunk6_denoise_ms"] = med([c["denoise_ms"] for c in sixth])
-    summary["chunk6_commit_ms"] = med([c["commit_ms"] for c in sixth])
-    ref_chunk = sixth[0] if sixth else (chunks[-1] if chunks else None)
+    })
+    summary["generated_fps"] = (plan.chunk_pixel_frames(1) / (summary["end_to_end_ms"] * 1e-3)
+                                if summary["end_to_end_ms"] else None)
+    ref_chunk = next((c for c in chunks if c["autoregressive_index"] == 5), chunks[-1] if chunks else None)
     if ref_chunk:
-        peak_flops_per_s = args.peak_tflops * 1e12 * plan.num_devices
-        summary["floor_denoise_ms_at_peak"] = ref_chunk["denoise_flops"] / peak_flops_per_s * 1e3
-        summary["floor_commit_ms_at_peak"] = ref_chunk["commit_flops"] / peak_flops_per_s * 1e3
+        summary["floor_denoise_ms_at_ceiling"] = ref_chunk["denoise_flops"] / ceiling_flops * 1e3
+        summary["floor_commit_ms_at_ceiling"] = ref_chunk["commit_flops"] / ceiling_flops * 1e3
         summary["floor_chunk_index"] = ref_chunk["autoregressive_index"]
+    compile_s = {"denoise": denoise_compile_s, "commit": commit_compile_s,
+                 "decoder_first_two_calls_s": decoder_first_call_s}
+    forward_result = None
+    if forward and plan.num_devices == 1:
+        forward_result = our_forward(step, plan, cfg, opts, text, log)
+    elif forward:
+        forward_result = {"skipped": "the bidirectional forward is compared on one device (--num_devices 1)"}
     memory = device_memory()
-    memory_per_device = [device_memory(d) for d in mesh.devices.flat]
-    report = {**meta, "benchmark": "step_latency", "slug": args.slug, "height": args.height, "width": args.width,
-              "total_blocks": args.total_blocks, "rollouts": args.rollouts, "warmup_chunks": args.warmup_chunks,
-              "dtype": args.dtype, "attention": args.attention, "decoders": args.decoders, "small": args.small,
-              "num_devices": plan.num_devices, "context_heads": args.context_heads, "plan": plan.describe(),
-              "profile": profile,
-              "memory_per_device": memory_per_device,
-              "model_config": cfg.to_dict(), "num_params": n_params, "weight_bytes": weight_bytes,
-              "kv_cache_bytes": cache_bytes,
-              "cache_layout": {"tokens_per_frame": tpf, "sink_frames": layout.sink_frames,
-                               "ring_frames": layout.ring_frames, "buffer_frames": layout.buffer_frames},
-              "schedule": {"t": schedule.t.tolist(), "sigma_x0": schedule.sigma_x0.tolist(),
-                           "sigma_next": schedule.sigma_next.tolist()},
-              "build_s": build_s, "cross_kv_compile_plus_run_s": cross_kv_s,
-              "compile_s": {"denoise": denoise_compile_s, "commit": commit_compile_s,
-                            "decoder_first_two_calls_s": decoder_first_call_s},
-              "device_memory_after_weights": mem_after_weights, "device_memory_end": memory,
-              "peak_tflops": args.peak_tflops, "all_finite": finite, "summary": summary, "chunks": chunks,
-              "reference": REFERENCE.get(args.slug), "args": {k: v for k, v in vars(args).items()}}
-    write_json(args.json, report)
-
-    print()
-    rows = [[c["rollout"], c["autoregressive_index"], c["valid_cache_frames"], c["denoise_ms"], c["commit_ms"],
-             *[c["decode_ms"][d.name] for d in decoders], c["denoise_tflops_per_s"], c["denoise_mfu"] * 100]
-            for c in chunks]
-    print(format_table(["roll", "chunk", "cache fr", "denoise ms", "commit ms", *[f"{d.name} ms" for d in decoders],
-                        "den TFLOP/s", "den MFU %"], rows))
-    print()
-    pk = memory.get("peak_bytes_in_use_gib") if memory else None
-    s = summary
-    lines = [["denoise ms (all passes)", s["denoise_ms"], s["chunk6_denoise_ms"]],
-             ["commit ms", s["commit_ms"], s["chunk6_commit_ms"]],
-             ["denoise + commit ms", s["denoise_plus_commit_ms"], None]]
-    for d in decoders:
-        lines.append([f"decode {d.name} ms", s["decode_ms"][d.name], None])
-    for n, v in s["total_ms"].items():
-        lines.append([f"total ({n}) ms", v, None])
-    if args.encode and i2v:
-        lines.append(["encode ms", s["encode_ms"], None])
-    lines += [["denoise MFU %", s["denoise_mfu"] * 100 if s["denoise_mfu"] else None, None],
-              ["floor denoise ms (FLOPs/peak)", s.get("floor_denoise_ms_at_peak"), None],
-              ["frames to host as uint8 ms", s["d2h_uint8_frames_ms"], None]]
-    print(f"{args.slug} {args.height}x{args.width}, {args.dtype}, {meta['device_kind']}: median of chunks "
-          f">= {args.warmup_chunks} ({s['chunks_in_median']} chunks); compile denoise {denoise_compile_s:.1f} s + "
-          f"commit {commit_compile_s:.1f} s; peak device memory "
-          + (f"{pk:.2f} GiB" if pk is not None else "n/a") + ("" if finite else "; NON-FINITE OUTPUT"))
-    print(format_table(["phase", "median", "6th chunk"], lines))
-    if profile:
-        print(f"profile of chunk {args.profile_chunk}'s denoise on GPU 0 ({k} passes; kernel ms per pass): "
-              + ", ".join(f"{c} {ms:.1f}" for c, ms in sorted(profile["ms_per_pass"].items(), key=lambda kv: -kv[1]))
-              + f"; all_to_all share {100 * profile['collective_share']:.1f} %")
-    if memory_per_device and all(memory_per_device):
-        print("peak memory per device GiB: " + ", ".join(f"{m['peak_bytes_in_use_gib']:.2f}" for m in memory_per_device))
-    if REFERENCE.get(args.slug):
-        print(f"reference: {REFERENCE[args.slug]}")
+    return {"model_config": cfg.to_dict(), "num_params": n_params, "weight_bytes": weight_bytes,
+            "kv_cache_bytes": cache_bytes, "attention": opts.attention, "decoders": list(opts.decoders),
+            "num_devices": plan.num_devices, "context_heads": opts.context_heads,
+            "cache_layout": {"tokens_per_frame": tpf, "sink_frames": layout.sink_frames,
+                             "ring_frames": layout.ring_frames, "buffer_frames": layout.buffer_frames},
+            "schedule": {"t": schedule.t.tolist(), "sigma_x0": schedule.sigma_x0.tolist(),
+                         "sigma_next": schedule.sigma_next.tolist()},
+            "build_s": build_s, "cross_kv_compile_plus_run_s": cross_kv_s, "compile_s": compile_s,
+            "device_memory_after_weights": mem_after_weights, "device_memory_end": memory,
+            "peak_memory_gib": memory.get("peak_bytes_in_use_gib") if memory else None,
+            "memory_per_device": [device_memory(d) for d in mesh.devices.flat],
+            "profile_chunk": profile_chunk, "profile": profile, "all_finite": finite, "summary": summary,
+            "chunks": chunks, "forward": forward_result}
 
 
 def profile_denoise(call, passes: int) -> dict:
@@ -440,5 +554,5 @@ def profile_denoise(call, passes: int) -> dict:
             "top_kernels_ms_per_pass": [[name[:120], kernel_category(name), ms] for name, ms in per_kernel.most_common(25)]}
 
 
-if __name__ == "__main__":
-    main()
+def results_path(folder: str | Path, slug: str, device_kind: str, num_devices: int) -> Path:
+    return Path(folder) / f"{default_output_name(slug, device_kind, num_devices)}.json"

@@ -1,0 +1,143 @@
+"""wm-jax bench: checkouts checked before any heavy work, bad input named by flag, a peer that fails keeps our
+figures, and the table / JSON / plot / README markdown of a report with peers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wm_jax.bench import report as R
+from wm_jax.bench.peers import PEERS, PeerSetupError, check_checkout
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+PROBE = ("import atexit, sys; atexit.register(lambda: print('JAX' if 'jax' in sys.modules else 'NOJAX', "
+         "file=sys.stderr)); from wm_jax.cli import run; sys.argv = ['wm-jax', *sys.argv[1:]]; run()")
+
+
+def wm_jax(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True, env=ENV,
+                          cwd=cwd, timeout=600)
+
+
+def marker_tree(root: Path, peer: str, broken_import: str | None = None) -> Path:
+    """A folder holding the files peer `peer`'s adapter needs (empty modules; with `broken_import`, the first
+    marker raises that message when imported)."""
+    for i, marker in enumerate(PEERS[peer].markers):
+        path = root / marker
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"raise RuntimeError({broken_import!r})\n" if broken_import and i == 0 else "")
+    return root
+
+
+def test_check_checkout_names_what_is_missing(tmp_path):
+    with pytest.raises(PeerSetupError, match="peer self-forcing needs upstream_dir: a checkout of guandeh17/Self-Forcing"):
+        check_checkout("self-forcing", None)
+    with pytest.raises(PeerSetupError, match="no such folder"):
+        check_checkout("lingbot-fast", str(tmp_path / "absent"))
+    (tmp_path / "wan").mkdir()
+    with pytest.raises(PeerSetupError, match="missing wan/image2video_fast.py, wan/modules/model_fast.py"):
+        check_checkout("lingbot-fast", str(tmp_path))
+    with pytest.raises(PeerSetupError, match="expected one of self-forcing, lingbot-fast, diffusers-wan"):
+        check_checkout("flashdreams", str(tmp_path))
+
+
+def test_check_checkout_warns_on_another_commit(tmp_path):
+    tree = marker_tree(tmp_path / "sf", "self-forcing")
+    unversioned = check_checkout("self-forcing", str(tree))
+    assert unversioned.commit is None and "cannot read the commit" in unversioned.warnings[0]
+    git = lambda *a: subprocess.run(["git", "-C", str(tree), *a], check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "stand-in")
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    other = check_checkout("self-forcing", str(tree))
+    assert other.commit == head
+    assert f"is at {head[:7]}" in other.warnings[0] and "guandeh17/Self-Forcing@33593df" in other.warnings[0]
+
+
+@pytest.mark.parametrize("args, code, expected", [
+    (["--peer", "self-forcing"], 1, "--peer self-forcing needs --upstream_dir: a checkout of guandeh17/Self-Forcing"),
+    (["--upstream_dir", "x"], 2, "--upstream_dir is given without --peer"),
+    (["--peer", "nope"], 1, "--peer nope: expected one of self-forcing, lingbot-fast, diffusers-wan"),
+    (["--peer", "self-forcing", "--upstream_dir", "/nonexistent/sf"], 1, "--upstream_dir /nonexistent/sf: no such folder"),
+    (["--peer", "self-forcing", "--peer", "lingbot-fast", "--upstream_dir", "d"], 2, "expected NAME=DIR"),
+    (["--warmup_chunks", "7"], 1, "--warmup_chunks 7: expected 0 .. --total_blocks - 1 (6)"),
+])
+def test_bench_bad_input_is_named_before_any_work(args, code, expected):
+    proc = wm_jax("bench", "tiny", *args)
+    assert proc.returncode == code, proc.stderr
+    assert expected in proc.stderr
+    assert "matmul ceiling" not in proc.stderr and not proc.stdout  # nothing measured
+
+
+def test_bench_keeps_our_figures_when_a_peer_fails(tmp_path):
+    tree = marker_tree(tmp_path / "sf", "self-forcing", broken_import="stand-in upstream broke at import")
+    out = tmp_path / "results" / "bench.json"
+    proc = wm_jax("bench", "tiny", "--total_blocks", "3", "--warmup_chunks", "1", "--decoders", "taehv",
+                  "--peer", "self-forcing", "--upstream_dir", tree, "--json", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "self-forcing (stopped)" in proc.stdout
+    # (tiny is a camera model: the adapter refuses it, or the stand-in's import fails; either way, before a chunk)
+    report = json.loads(out.read_text())
+    assert f"self-forcing stopped after 0 chunks: {report['peers']['self-forcing']['error']}" in proc.stdout
+    assert "warning: self-forcing: cannot read the commit" in proc.stdout
+    assert out.with_suffix(".png").is_file() and not list(out.parent.glob(".*partial*"))
+    peer = report["peers"]["self-forcing"]
+    assert peer["returncode"] == 1 and peer["chunks"] == [] and peer["output_tail"]
+    ours = report["ours"]
+    assert [c["autoregressive_index"] for c in ours["chunks"]] == [0, 1, 2]
+    s = ours["summary"]
+    assert s["chunks_in_median"] == 2 and s["chunk6_denoise_ms"] is None
+    for key in ("denoise_ms", "commit_ms", "end_to_end_ms", "generated_fps", "denoise_utilisation"):
+        assert s[key] > 0, key
+    assert s["end_to_end_decoder"] == "taehv"
+    assert report["matmul_ceiling"]["tflops"] > 0 and ours["compile_s"]["denoise"] > 0
+    assert "peak_memory_gib" in ours and report["device_kind"] == "cpu"
+
+
+def _synthetic_report() -> dict:
+    chunks = lambda scale: [{"rollout": 0, "autoregressive_index": i, "denoise_ms": scale * (120 - i),
+                             "commit_ms": scale * 30.0} for i in range(7)]
+    ours_chunks = chunks(1.0)
+    summary = {"chunks_in_median": 5, "denoise_ms": 100.0, "chunk6_denoise_ms": 105.0, "commit_ms": 30.0,
+               "denoise_plus_commit_ms": 130.0, "end_to_end_ms": 140.0, "end_to_end_decoder": "taehv",
+               "generated_fps": 85.7, "decode_ms": {"taehv": 10.0}, "denoise_utilisation": 0.5}
+    peer_summary = dict(summary, denoise_ms=150.0, chunk6_denoise_ms=160.0, commit_ms=45.0,
+                        denoise_plus_commit_ms=195.0)
+    report = {"slug": "self-forcing-wan2.1-t2v-1.3b", "device_kind": "NVIDIA H200", "date": "2026-11-30T12:00:00",
+              "options": {"height": 480, "width": 832, "dtype": "bfloat16", "warmup_chunks": 2},
+              "matmul_ceiling": {"tflops": 650.0},
+              "ours": {"summary": summary, "chunks": ours_chunks, "num_devices": 1, "peak_memory_gib": 16.0,
+                       "compile_s": {"denoise": 5.0, "commit": 2.0},
+                       "forward": {"tokens": 32760, "median_ms": 500.0}},
+              "peers": {"self-forcing": {"kind": "rollout", "summary": peer_summary, "chunks": chunks(1.5),
+                                         "error": None, "peak_memory_gib": 9.0},
+                        "diffusers-wan": {"kind": "forward", "error": None, "job": {"compile": True},
+                                          "forward_summary": {"eager": {"median_ms": 700.0},
+                                                              "compiled": {"median_ms": 600.0}}}},
+              "published": {"hardware": "H100, 1 GPU", "denoise_ms": 344.0, "commit_ms": 74.0},
+              "published_forward": {"hardware": "H100, 1 GPU", "forward_ms_per_step": 1040.0}}
+    report["comparison"] = R.comparison_rows(report)
+    return report
+
+
+def test_report_table_markdown_and_plot(tmp_path):
+    report = _synthetic_report()
+    rows = {row["figure"]: row for row in report["comparison"]}
+    median = rows["denoise ms (all passes), median of chunks >= 2"]
+    assert (median["ours"], median["peers"]["self-forcing"]) == (100.0, 150.0)
+    assert rows["denoise ms, 6th chunk"]["published"] == 344.0
+    compiled = rows["DiT forward ms, 32760 tokens, bidirectional (diffusers-wan compiled)"]
+    assert (compiled["ours"], compiled["peers"]["diffusers-wan"], compiled["published"]) == (500.0, 600.0, 1040.0)
+    text = R.format_report(report)
+    assert "1.50x" in text and "1.20x" in text and "FlashDreams H100, 1 GPU (published)" in text
+    md = R.markdown(report)
+    assert md.splitlines()[0].startswith("| figure | wm_jax | self-forcing (same call) | ratio |")
+    assert "| denoise ms (all passes), median of chunks >= 2 | 100.0 | 150.0 | 1.50x |" in md
+    R.plot(report, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
