@@ -77,7 +77,8 @@ SMALL_MODEL = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 class BenchOptions:
     """What `wm-jax bench` and benchmarks/step_latency.py measure (None: the recipe's value, or --small's).
 
-    peers: (name, checkout folder or None) pairs, run before ours. forward_frames: latent frames of the
+    peers: (name, checkout folder or None) pairs, run before ours, each after `peer_warmup_rollouts` untimed
+    rollouts of its own (eager runtimes pay first-use costs: cuDNN plans per key length). forward_frames: latent frames of the
     bidirectional forward compared with forward peers (default: the whole rollout, total_blocks · chunk).
     """
 
@@ -103,6 +104,7 @@ class BenchOptions:
     forward_frames: int | None = None
     forward_iters: int = 5
     peer_compile: bool = True
+    peer_warmup_rollouts: int = 1
     json: str | None = None
     plot: str | None = None
 
@@ -233,9 +235,10 @@ def peer_job(name: str, checkout: Checkout, opts: BenchOptions, recipe: Recipe, 
         latent_channels=plan.latent_channels, chunk_frames=plan.chunk_frames, tokens_per_frame=plan.tokens_per_frame,
         total_blocks=plan.total_blocks, timesteps=[float(t) for t in schedule.t], context_timestep=0.0,
         shift=float(recipe.shift), sink_frames=layout.sink_frames,
-        window_frames=None if global_cache else layout.ring_frames, text_tokens=opts.text_tokens, dtype=opts.dtype,
+        ring_frames=None if global_cache else layout.ring_frames, text_tokens=opts.text_tokens, dtype=opts.dtype,
         seed=opts.seed, device="cuda" if jax.default_backend() == "gpu" else "cpu",
-        forward_frames=opts.forward_frames, forward_iters=opts.forward_iters, compile=opts.peer_compile)
+        forward_frames=opts.forward_frames, forward_iters=opts.forward_iters, compile=opts.peer_compile,
+        warmup_rollouts=opts.peer_warmup_rollouts)
 
 
 def summarize_chunks(chunks: list[dict], warmup_chunks: int) -> dict[str, Any]:

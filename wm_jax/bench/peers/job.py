@@ -24,8 +24,11 @@ class PeerJob:
     Geometry: latents are [latent_channels, frames, latent_height, latent_width] per sample (channel-first,
       like upstream); a chunk is `chunk_frames` latent frames of `tokens_per_frame` tokens.
     Rollout: `total_blocks` chunks; each chunk runs `len(timesteps)` denoise passes, then one commit pass
-      (the t = context_timestep pass that writes the clean chunk into the cache). `sink_frames` /
-      `window_frames`: the cache window in latent frames (window_frames None = global cache, every frame kept).
+      (the t = context_timestep pass that writes the clean chunk into the cache), after `warmup_rollouts`
+      untimed whole rollouts (first-use costs of eager runtimes: cuDNN plans per key length, allocator growth).
+    Cache, in latent frames (`wm_jax.streaming.kv_cache.CacheLayout`'s terms): `sink_frames` first frames kept
+      for good plus a ring of the `ring_frames` most recent committed frames, the current chunk not counted;
+      ring_frames None = global cache (every frame kept). `upstream_cache()` gives upstream's settings.
     Forward peers (diffusers-wan): `forward_frames` latent frames in one bidirectional forward, timed
       `forward_iters` times after `forward_warmup` untimed calls, eager and (with `compile`) torch.compile'd.
     """
@@ -45,7 +48,7 @@ class PeerJob:
     context_timestep: float
     shift: float
     sink_frames: int
-    window_frames: int | None
+    ring_frames: int | None
     text_tokens: int
     dtype: str = "bfloat16"
     seed: int = 0
@@ -54,6 +57,15 @@ class PeerJob:
     forward_warmup: int = 2
     forward_iters: int = 5
     compile: bool = True
+    warmup_rollouts: int = 1
+
+    def upstream_cache(self) -> tuple[int, int]:
+        """(local_attn_size, sink_size) as the upstream loops take them: a buffer of local_attn_size frames
+        holding the sink, the ring and the chunk being denoised; (-1, 0) for the global cache (the inverse of
+        `wm_jax.streaming.kv_cache.upstream_cache_frames`)."""
+        if self.ring_frames is None:
+            return -1, 0
+        return self.sink_frames + self.ring_frames + self.chunk_frames, self.sink_frames
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
