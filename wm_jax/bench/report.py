@@ -150,6 +150,7 @@ def plot(report: dict, path: str | Path) -> None:
     warm = report["options"]["warmup_chunks"]
     left.axvspan(-0.5, warm - 0.5, color="0.9", label=f"left out of the medians (chunks < {warm})")
     left.set_xlabel("chunk (AR step)")
+    left.xaxis.get_major_locator().set_params(integer=True)
     left.set_ylabel("denoise ms (all passes)")
     left.set_ylim(bottom=0)
     left.legend(fontsize=8)
@@ -179,7 +180,7 @@ def plot(report: dict, path: str | Path) -> None:
     bars = right.bar(range(len(values)), values, color=colors)
     right.bar_label(bars, fmt="%.0f", fontsize=8)
     right.set_xticks(range(len(values)), labels, fontsize=7)
-    right.set_ylabel("ms, median of chunks >= 2 (forward: median of calls)")
+    right.set_ylabel(f"ms, median of chunks >= {warm} (forward: median of calls)")
     right.set_title(f"{ours['num_devices']} x {report['device_kind']}, {report['date'][:10]}")
     fig.tight_layout()
     path = Path(path)

@@ -77,8 +77,9 @@ SMALL_MODEL = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 class BenchOptions:
     """What `wm-jax bench` and benchmarks/step_latency.py measure (None: the recipe's value, or --small's).
 
-    peers: (name, checkout folder or None) pairs, run before ours, each after `peer_warmup_rollouts` untimed
-    rollouts of its own (eager runtimes pay first-use costs: cuDNN plans per key length). forward_frames: latent frames of the
+    warmup_rollouts: untimed whole rollouts every runtime runs first, ours and each peer's (first-use costs:
+    cuDNN plans per key length in eager torch, buffer allocation). peers: (name, checkout folder or None)
+    pairs, run before ours. forward_frames: latent frames of the
     bidirectional forward compared with forward peers (default: the whole rollout, total_blocks · chunk).
     """
 
@@ -104,7 +105,7 @@ class BenchOptions:
     forward_frames: int | None = None
     forward_iters: int = 5
     peer_compile: bool = True
-    peer_warmup_rollouts: int = 1
+    warmup_rollouts: int = 1
     json: str | None = None
     plot: str | None = None
 
@@ -238,7 +239,7 @@ def peer_job(name: str, checkout: Checkout, opts: BenchOptions, recipe: Recipe, 
         ring_frames=None if global_cache else layout.ring_frames, text_tokens=opts.text_tokens, dtype=opts.dtype,
         seed=opts.seed, device="cuda" if jax.default_backend() == "gpu" else "cpu",
         forward_frames=opts.forward_frames, forward_iters=opts.forward_iters, compile=opts.peer_compile,
-        warmup_rollouts=opts.peer_warmup_rollouts)
+        warmup_rollouts=opts.warmup_rollouts)
 
 
 def summarize_chunks(chunks: list[dict], warmup_chunks: int) -> dict[str, Any]:
@@ -438,7 +439,10 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
     chunks, profile = [], None
     decoder_first_call_s = {d.name: [] for d in decoders}
     finite = True
-    for r in range(opts.rollouts):
+    for run_index in range(opts.warmup_rollouts + opts.rollouts):
+        r = run_index - opts.warmup_rollouts  # < 0: an untimed warm-up rollout
+        if r < 0:
+            log(f"warm-up rollout {run_index + 1}/{opts.warmup_rollouts} ({plan.total_blocks} chunks, untimed)")
         cache = step.init_cache()
         states = {d.name: d.init_state(1, lat_h, lat_w) for d in decoders}
         enc_cache = (put_replicated(encoder_vae.init_encoder_cache(1, opts.height, opts.width), mesh)
@@ -470,13 +474,15 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
                 frames, states[d.name] = d.step(z, states[d.name])
                 block(frames)
                 decode_ms[d.name] = (time.perf_counter() - t) * 1e3
-                if r == 0 and i < 2:
+                if run_index == 0 and i < 2:
                     decoder_first_call_s[d.name].append(decode_ms[d.name] / 1e3)
                 if d2h_ms is None:  # the engine's uint8 conversion on the device + host copy, outside decode here
                     t = time.perf_counter()
                     frames_to_uint8(local_replica(frames), VALUE_RANGES[d.name])  # raises on NaN/inf
                     d2h_ms = (time.perf_counter() - t) * 1e3
             finite &= bool(jnp.isfinite(x0).all())
+            if r < 0:
+                continue
             den_flops = k * forward_flops(cfg, plan.chunk_tokens, valid_tokens)
             com_flops = forward_flops(cfg, plan.chunk_tokens, valid_tokens)
             den_ms, com_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
