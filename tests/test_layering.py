@@ -2,8 +2,11 @@
 
 Layers, top to bottom (a module may import its own package and the layers below it):
 
-    wm_jax (package root), wm_jax.cli > wm_jax.serve > wm_jax.train > wm_jax.parity > wm_jax.streaming > converters
-    > wm_jax.models > wm_jax.parallel > wm_jax.kernels > wm_jax.worlds > wm_jax.io > wm_jax.errors
+    wm_jax (package root), wm_jax.cli > wm_jax.serve > wm_jax.bench > wm_jax.train > wm_jax.parity > wm_jax.streaming
+    > converters > wm_jax.models > wm_jax.parallel > wm_jax.kernels > wm_jax.worlds > wm_jax.io > wm_jax.errors
+
+bench (our step benchmark and the peers' adapters, which import torch and a user's checkout in a child
+process) sits beside serve: it drives the streaming step, and nothing below it imports it.
 
 parity runs our implementation on golden cases, so it may use streaming; streaming never imports parity.
 worlds (the procedural training world and the player's motion) sits just above io: serve's live controls
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("wm_jax", "converters")
 FIRST_PARTY = {"wm_jax", "converters", "configs", "tests", "benchmarks"}
 TOP = ("wm_jax", "wm_jax.cli")  # exact modules: the package root and the CLI
-LAYERS = ("wm_jax.serve", "wm_jax.train", "wm_jax.parity", "wm_jax.streaming", "converters", "wm_jax.models",
+LAYERS = ("wm_jax.serve", "wm_jax.bench", "wm_jax.train", "wm_jax.parity", "wm_jax.streaming", "converters", "wm_jax.models",
           "wm_jax.parallel", "wm_jax.kernels", "wm_jax.worlds", "wm_jax.io", "wm_jax.errors")  # packages (or modules) with their submodules
 
 
@@ -164,7 +167,8 @@ def test_no_import_cycles():
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_]*")
 DASHES = re.compile(r"(?<![\w-])--$")  # an f-string part right before a field: f"--{name}"
 CLI = "wm_jax/cli.py"
-FOREIGN_FLAGS = {("wm_jax/io/hub.py", "hub_cli_command")}  # (file, function) spelling another program's flags
+FOREIGN_FLAGS = {("wm_jax/io/hub.py", "hub_cli_command"),  # (file, function) spelling another program's flags
+                 ("wm_jax/bench/report.py", "main")}  # `python -m wm_jax.bench.report`: its own argument parser
 
 
 def test_option_error_renders_flags_in_the_cli_only(capsys):

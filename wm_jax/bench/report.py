@@ -26,7 +26,8 @@ def _peer_label(name: str, result: dict) -> str:
 
 
 def comparison_rows(report: dict) -> list[dict[str, Any]]:
-    """Rows of figure / ours / {peer: value} / published, every value in ms (None where not measured)."""
+    """Rows of figure / ours / {peer: value} / published, every value in ms (None where not measured), computed
+    from the report's raw figures (tables and markdown call it, so a re-render never reads stale rows)."""
     ours = report["ours"]
     published = report.get("published") or {}
     rollout_peers = {n: r for n, r in report["peers"].items() if r.get("kind") == "rollout"}
@@ -45,12 +46,11 @@ def comparison_rows(report: dict) -> list[dict[str, Any]]:
             if variant not in summaries and result.get("error") is None and variant == "compiled" \
                     and not result.get("job", {}).get("compile"):
                 continue
-            pub = report.get("published_forward") or {}
             rows.append({"figure": f"DiT forward ms, {forward.get('tokens', '?')} tokens, bidirectional "
                                    f"({name} {variant})",
                          "ours": forward.get("median_ms"),
                          "peers": {name: (summaries.get(variant) or {}).get("median_ms")},
-                         "published": pub.get("forward_ms_per_step") if variant == "compiled" else None})
+                         "published": None})  # FlashDreams' bidirectional figure is per sampling step (CFG)
     return rows
 
 
@@ -79,7 +79,7 @@ def format_report(report: dict) -> str:
     if published:
         headers.append(f"FlashDreams {published['hardware']} (published)")
     table = []
-    for row in report["comparison"]:
+    for row in comparison_rows(report):
         cells = [row["figure"], _ms(row["ours"])]
         for n in peer_names:
             value = row["peers"].get(n)
@@ -120,7 +120,7 @@ def markdown(report: dict) -> str:
     if published:
         head.append(f"FlashDreams, published, {published['hardware']}")
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in report["comparison"]:
+    for row in comparison_rows(report):
         cells = [row["figure"], _ms(row["ours"])]
         for n in peer_names:
             value = row["peers"].get(n)

@@ -527,7 +527,7 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
     if forward and plan.num_devices == 1:
         forward_result = our_forward(step, plan, cfg, opts, text, log)
     elif forward:
-        forward_result = {"skipped": "the bidirectional forward is compared on one device (--num_devices 1)"}
+        forward_result = {"skipped": "the bidirectional forward is compared on one device only"}
     memory = device_memory()
     return {"model_config": cfg.to_dict(), "num_params": n_params, "weight_bytes": weight_bytes,
             "kv_cache_bytes": cache_bytes, "attention": opts.attention, "decoders": list(opts.decoders),
