@@ -246,3 +246,24 @@ def test_lingbot_fast_geometry_and_cache():
     assert job.upstream_cache() == (-1, 0)
     # window_frames = ring frames (no sink, no current chunk): upstream's buffer holds all three
     assert dataclasses.replace(job, sink_frames=3, ring_frames=12).upstream_cache() == (18, 3)
+
+
+def test_chunks_take_a_missing_last_commit_only_when_asked(tmp_path):
+    from wm_jax.bench.peers.job import ResultWriter
+    from wm_jax.bench.peers.torch_timing import ChunkGrouper
+
+    writer = ResultWriter(tmp_path / "result.json", "lingbot-fast")
+    chunks = ChunkGrouper(writer, 2, context=0.0, total=2)
+    for ms, t in [(3.0, 999.0), (2.0, 978.0), (1.0, 0.0), (4.0, 999.0), (5.0, 978.0)]:
+        chunks.add(ms, t)
+    with pytest.raises(RuntimeError, match="ran 1 full chunks \\(\\+2 calls\\)"):
+        chunks.finish()
+    chunks.finish(last_commit_optional=True)
+    assert writer.data["chunks"][1] == {"autoregressive_index": 1, "denoise_ms": 9.0, "commit_ms": 0.0,
+                                        "pass_ms": [4.0, 5.0]}
+    assert "skipped the commit pass after the last chunk (1)" in writer.data["notes"][-1]
+    unclosed = ChunkGrouper(writer, 2, context=0.0, total=1)
+    unclosed.add(1.0, 999.0)
+    unclosed.add(1.0, 978.0)
+    with pytest.raises(RuntimeError, match="chunk 0 made model calls at t = \\[999.0, 978.0, 947.0\\]"):
+        unclosed.add(1.0, 947.0)  # a third denoise call, no commit

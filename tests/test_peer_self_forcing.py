@@ -303,7 +303,8 @@ def test_self_forcing_adapter_times_every_block(tmp_path):
 
     notes = "\n".join(result["notes"])
     for expected in ("pipeline/__init__.py", "stub module demo_utils.memory", "stub module wm_stand_in_absent_pkg",
-                     "wan.modules.model.flash_attention", "wan.modules.causal_model.attention", "SDPA fallback",
+                     "wan.modules.model.flash_attention", "wan.modules.causal_model.attention",
+                     "torch scaled_dot_product_attention in the inputs' dtype (torch.float32;",
                      "CausalWanModel.from_pretrained replaced", "text encoder stubbed", "VAE stubbed",
                      "frame_seq_length 1560 -> 6", "num_transformer_blocks 30 -> 2", "KV cache",
                      "cross-attention cache", "settings from", "warm-up: one whole inference"):
@@ -331,18 +332,18 @@ def test_self_forcing_adapter_keeps_finished_blocks_when_upstream_fails(tmp_path
     assert all(len(c["pass_ms"]) == calls_per_block for c in result["chunks"])
 
 
-def test_blocks_reject_a_loop_of_another_shape(tmp_path):
+def test_chunks_reject_a_loop_of_another_shape(tmp_path):
     from wm_jax.bench.peers.job import ResultWriter
-    from wm_jax.bench.peers.self_forcing import _Blocks
+    from wm_jax.bench.peers.torch_timing import ChunkGrouper
 
     writer = ResultWriter(tmp_path / "result.json", "self-forcing")
-    blocks = _Blocks(writer, [1000.0, 937.5], context=0.0)
+    chunks = ChunkGrouper(writer, 2, context=0.0, total=2, steps=[1000.0, 937.5])
     for ms, t in [(3.0, 1000.0), (2.0, 937.5), (1.0, 0.0)]:
-        blocks.add(ms, t)
+        chunks.add(ms, t)
     assert writer.data["chunks"] == [{"autoregressive_index": 0, "denoise_ms": 5.0, "commit_ms": 1.0,
                                       "pass_ms": [3.0, 2.0, 1.0]}]
-    blocks.add(3.0, 1000.0)
-    with pytest.raises(RuntimeError, match="block 1 made model calls at t = \\[1000.0, 0.0\\]"):
-        blocks.add(1.0, 0.0)
-    with pytest.raises(RuntimeError, match="ran 1 full blocks"):
-        blocks.finish(2)
+    chunks.add(3.0, 1000.0)
+    with pytest.raises(RuntimeError, match="chunk 1 made model calls at t = \\[1000.0, 0.0\\]"):
+        chunks.add(1.0, 0.0)
+    with pytest.raises(RuntimeError, match="ran 1 full chunks"):
+        chunks.finish()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from wm_jax.errors import OptionError
 class Peer:
     name: str
     kind: str  # "rollout": a causal AR loop timed per chunk; "forward": one bidirectional DiT forward
+    runs: str  # the models the loop takes: "t2v" (no image, no camera), "camera" (LingBot I2V + camera), "wan" (no camera)
     repo: str  # owner/name on GitHub
     commit: str | None  # the commit the adapter was written against (None: any version with `markers`)
     markers: tuple[str, ...]  # files (relative to the checkout) the adapter imports
@@ -36,20 +38,20 @@ class Peer:
 
 PEERS = {
     "self-forcing": Peer(
-        name="self-forcing", kind="rollout", repo="guandeh17/Self-Forcing",
+        name="self-forcing", kind="rollout", runs="t2v", repo="guandeh17/Self-Forcing",
         commit="33593df3e81fa3ec10239271dd2c100facac6de1",
         markers=("pipeline/causal_inference.py", "utils/wan_wrapper.py", "wan/modules/causal_model.py"),
         module="wm_jax.bench.peers.self_forcing", loop="CausalInferencePipeline.inference (eager)",
         fetch="git clone https://github.com/guandeh17/Self-Forcing DIR && git -C DIR checkout 33593df"),
     "lingbot-fast": Peer(
-        name="lingbot-fast", kind="rollout", repo="Robbyant/lingbot-world",
+        name="lingbot-fast", kind="rollout", runs="camera", repo="Robbyant/lingbot-world",
         commit="65d29dd3630a589d8e93679e0e102d960d7705ff",
         markers=("wan/image2video_fast.py", "wan/modules/model_fast.py"),
         module="wm_jax.bench.peers.lingbot_fast", loop="WanI2VFast.generate (eager)",
         fetch="git clone https://github.com/prashant182/lingbot-world DIR && git -C DIR checkout 65d29dd "
               "(Robbyant/lingbot-world's Fast merge; the upstream repo's main branch does not have it yet)"),
     "diffusers-wan": Peer(
-        name="diffusers-wan", kind="forward", repo="huggingface/diffusers", commit=None,
+        name="diffusers-wan", kind="forward", runs="wan", repo="huggingface/diffusers", commit=None,
         markers=("src/diffusers/models/transformers/transformer_wan.py",),
         module="wm_jax.bench.peers.diffusers_wan", loop="WanTransformer3DModel.forward (eager, torch.compile)",
         fetch="pip install diffusers (or git clone https://github.com/huggingface/diffusers DIR)"),
@@ -107,6 +109,39 @@ def check_checkout(name: str, upstream_dir: str | None) -> Checkout:
     return Checkout(str(path), head, tuple(warnings))
 
 
+def check_fits(name: str, model, slug: str) -> None:
+    """Raises PeerSetupError when peer `name`'s loop cannot run this recipe's model (a WanConfig)."""
+    runs = PEERS[name].runs
+    camera, t2v = bool(model.camera_channels), model.in_dim == model.out_dim and not model.image_dim
+    if (runs == "t2v" and not t2v) or (runs == "camera" and not camera) or (runs == "wan" and camera):
+        what = {"t2v": "text-to-video models (no image or camera input)", "camera": "LingBot camera models",
+                "wan": "Wan models without camera layers"}[runs]
+        raise PeerSetupError("peer", f"{{peer}} {name} runs {what}; recipe {slug} is "
+                                     + ("a camera model" if camera else "image-to-video" if not t2v else "text-to-video"))
+
+
+def pair_peers(names: list[str], dirs: list[str]) -> tuple[tuple[str, str | None], ...]:
+    """(peer, checkout) pairs from the peer names and the checkout folders: one plain DIR with one peer, else
+    NAME=DIR per peer (NAME= or no entry: none, i.e. the installed package where the peer allows it)."""
+    for name in names:
+        if name not in PEERS:
+            raise PeerSetupError("peer", f"{{peer}} {name}: expected one of {', '.join(PEERS)}")
+    if len(set(names)) != len(names):
+        raise PeerSetupError("peer", f"{{peer}} {','.join(names)}: each peer once")
+    if dirs and not names:
+        raise PeerSetupError("upstream_dir", "{upstream_dir} is given without {peer}")
+    if len(names) == 1 and len(dirs) == 1 and "=" not in dirs[0]:
+        return ((names[0], dirs[0]),)
+    by_name = {}
+    for item in dirs:
+        name, sep, folder = item.partition("=")
+        if not sep or name not in names:
+            raise PeerSetupError("upstream_dir", f"{{upstream_dir}} {item}: expected NAME=DIR with NAME one of the "
+                                                 f"{{peer}} values ({', '.join(names)})")
+        by_name[name] = folder or None
+    return tuple((name, by_name.get(name)) for name in names)
+
+
 def _installed(package: str) -> bool:
     import importlib.util
 
@@ -126,8 +161,9 @@ def run_peer(job: PeerJob, timeout_s: float | None = None, log=None) -> dict:
                                                         env.get("PYTHONPATH", "")] if p)
         cmd = [sys.executable, "-m", "wm_jax.bench.peers.runner", str(job_path), str(result_path)]
         output: list[str] = []
-        try:
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:  # its own process group: a timeout stops torch.compile's workers too
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)
         except OSError as err:
             return {"peer": job.peer, "error": f"could not start the peer: {err}", "returncode": None, "chunks": [],
                     "forward": {}}
@@ -143,7 +179,7 @@ def run_peer(job: PeerJob, timeout_s: float | None = None, log=None) -> dict:
         try:
             returncode = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             returncode = None
         reader.join(timeout=10)
@@ -152,7 +188,10 @@ def run_peer(job: PeerJob, timeout_s: float | None = None, log=None) -> dict:
         result["returncode"] = returncode
         if returncode != 0:
             result["output_tail"] = output[-20:]
-            if not result.get("error"):
-                result["error"] = (f"timed out after {timeout_s:.0f} s" if returncode is None else
-                                   (output[-1] if output else f"exit status {returncode}"))
+            if returncode is None:
+                result["error"] = f"timed out after {timeout_s:.0f} s"
+            elif returncode < 0:
+                result["error"] = f"killed by signal {-returncode} ({signal.Signals(-returncode).name})"
+            elif not result.get("error"):
+                result["error"] = output[-1] if output else f"exit status {returncode}"
         return result

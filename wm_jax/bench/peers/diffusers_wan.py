@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,12 @@ from typing import Any
 import torch
 
 from wm_jax.bench.peers.job import PeerJob, ResultWriter
-from wm_jax.bench.peers.torch_timing import default_device_dtype, random_weights_, sync
+from wm_jax.bench.peers.torch_timing import default_device_dtype, random_weights_, timed, torch_dtype
 from wm_jax.models.config import PATCH_SIZE, WanConfig
 
 MODULE = "diffusers.models.transformers.transformer_wan"
 CLIP_TOKENS = 257  # CLIP ViT-H/14 tokens per image (Wan2.1 I2V)
 TIMESTEP = 999  # the first step of a Wan denoising schedule; the cost does not depend on it
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def import_diffusers_wan(upstream_dir: str | None, writer: ResultWriter):
@@ -143,17 +141,8 @@ def make_inputs(job: PeerJob, cfg: WanConfig, device: torch.device, dtype: torch
     return inputs
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Milliseconds of one call, the device synchronised before and after."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return (time.perf_counter() - start) * 1e3
-
-
 def run(job: PeerJob, writer: ResultWriter, device: torch.device) -> None:
-    dtype = DTYPES[job.dtype]
+    dtype = torch_dtype(job.dtype)
     cfg = WanConfig.from_dict(job.model)
     module, version, path = import_diffusers_wan(job.upstream_dir, writer)
     kwargs = diffusers_kwargs(cfg)
@@ -184,34 +173,30 @@ def run(job: PeerJob, writer: ResultWriter, device: torch.device) -> None:
                        "fp32_params": len(fp32), "timestep": TIMESTEP, "grad": "torch.no_grad"})
     inputs = make_inputs(job, cfg, device, dtype)
 
-    with torch.no_grad():
-        call = lambda: model(**inputs)  # noqa: E731
+    def measure(variant: str, call: Callable[[], Any]) -> None:
+        """`job.forward_warmup` untimed calls (the first under the profiler, noting the SDPA ops that ran),
+        then `job.forward_iters` timed ones, each written at once."""
         for i in range(job.forward_warmup):
             if i == 0:
-                writer.note(f"eager SDPA ops: {', '.join(sdpa_ops(call)) or 'none seen'}")
+                writer.note(f"{variant} SDPA ops: {', '.join(sdpa_ops(call)) or 'none seen'}")
             else:
                 call()
         for _ in range(job.forward_iters):
-            writer.forward("eager", timed(call, device))
+            writer.forward(variant, timed(call, device)[0])
 
+    with torch.no_grad():
+        measure("eager", lambda: model(**inputs))
         if not job.compile:
             return
         writer.note("compiled: torch.compile(model) (default mode, inductor)")
         writer.note(inductor_cache_note())
         try:
             compiled = torch.compile(model)
-            compiled_call = lambda: compiled(**inputs)  # noqa: E731
-            compile_s = timed(compiled_call, device) / 1e3
+            compile_s = timed(lambda: compiled(**inputs), device)[0] / 1e3
             entry = writer.data["forward"].setdefault("compiled", {"ms": [], "compile_s": None})
             entry["compile_s"] = compile_s
             writer.flush()
-            for i in range(job.forward_warmup):
-                if i == 0:
-                    writer.note(f"compiled SDPA ops: {', '.join(sdpa_ops(compiled_call)) or 'none seen'}")
-                else:
-                    compiled_call()
-            for _ in range(job.forward_iters):
-                writer.forward("compiled", timed(compiled_call, device))
+            measure("compiled", lambda: compiled(**inputs))
         except Exception as err:  # noqa: BLE001 - keep the eager figures; the row says compile failed
             lines = [line for line in str(err).strip().splitlines() if line.strip()]
             last = lines[-1].strip() if lines else type(err).__name__

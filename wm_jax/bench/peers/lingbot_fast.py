@@ -13,54 +13,53 @@ adapter only replaces what needs files or hardware we do not have, and writes ea
 - T5 and the VAE are stand-ins: the encoder returns random [text_tokens, text_dim] features; the VAE encode
   returns a random latent of the clip's shape (and checks the clip upstream asked for has our geometry);
   decode returns a zero tensor of the video's shape (an expanded view, no memory).
-- flash-attn is not used: every `flash_attention` name in the `wan.*` modules is routed to the repo's own
-  SDPA fallback `attention` (torch `scaled_dot_product_attention`, which the runner restricts to cuDNN on
-  CUDA), and the fallback is forced (FLASH_ATTN_*_AVAILABLE False). For a float32 job (CPU checks) both
-  names go to a dtype-keeping SDPA instead, since upstream's fallback casts to bfloat16.
+- flash-attn is not used (`upstream.route_attention`): every `flash_attention` / `attention` name in the
+  checkout's modules goes to the repo's own SDPA fallback `attention` (torch `scaled_dot_product_attention`,
+  which the runner restricts to cuDNN on CUDA) with flash-attn's dtype rule, and the fallback is forced
+  (FLASH_ATTN_*_AVAILABLE False). For a float32 job (CPU checks) both names go to a dtype-keeping SDPA
+  instead, since upstream's fallback casts to bfloat16.
 - the package `__init__` files of `wan`, `wan.modules` and `wan.utils` are not run (they import the
   text-to-video, animate and s2v stacks, cv2, ...): those packages are registered empty with their real
-  `__path__`, so only the modules the fast loop imports are loaded; third-party modules those import that
-  the loop does not need (or, for torchvision, needs only for `to_tensor`) are stubbed when they do not import.
+  `__path__` (`upstream.register_packages`), so only the modules the fast loop imports are loaded;
+  third-party modules those import that the loop does not need (or, for torchvision, needs only for
+  `to_tensor`) are replaced by `upstream`'s stand-ins when they do not import (`upstream.stub_if_broken`).
 
 The call follows `generate_fast.py` on one GPU: `chunk_size=job.chunk_frames`, `max_area` and `frame_num`
 chosen so that upstream's own arithmetic gives our latent grid and `total_blocks * chunk_frames` latent
 frames, `shift=job.shift`, `seed=job.seed`, `max_attention_size=None`, `local_attn_size`/`sink_size` from the
-job's cache window (`PeerJob.upstream_cache`: upstream's buffer = sink + ring + the current chunk), upstream's default `timesteps_index` (4 passes), `offload_model=False` (the CLI's
-single-GPU default is True: it only adds `torch.cuda.empty_cache()` between calls and moves the model to
-the host at the end), no `prewarm` (the CLI does not call it). Inputs: a random image, a slow forward walk
+job's cache window (`PeerJob.upstream_cache`: upstream's buffer = sink + ring + the current chunk),
+upstream's default `timesteps_index` (4 passes), `offload_model=False` (the CLI's single-GPU default is True:
+it only adds `torch.cuda.empty_cache()` between calls and moves the model to the host at the end), no
+`prewarm` (the CLI does not call it). Inputs: a random image, a slow forward walk
 (`poses.npy`, `intrinsics.npy` in a temp folder), a fixed prompt.
 
 Timing: a warm run, as SPEC section 12's hand measurement: one full untimed `generate` with the same
-arguments first (`WARMUP_ROLLOUTS`; cold, torch's cuDNN SDPA builds a graph for every new key length, which
+arguments first (`job.warmup_rollouts`; cold, torch's cuDNN SDPA builds a graph for every new key length, which
 cost the first pass of each chunk ~30 ms for the 14B model at 464x832 on an H200), then the timed one.
-`WanModelFast.forward` is wrapped (`TimedCalls`: the device synchronised before and after each call);
+`WanModelFast.forward` is wrapped (`timed_calls`: the device synchronised before and after each call);
 calls are labelled by their timestep (t = 0: the commit pass that rewrites the chunk's cache slots with
-clean K/V) and by the shape and cache offset they received, and each finished AR chunk is written at once
-(`len(timesteps)` denoise passes then one t = 0 pass; upstream commits after every chunk, the last one
-included). `config.outside_model_ms`: each chunk's wall time minus its model calls (upstream's own work
-between calls; chunk 0 also holds generate's set-up).
+clean K/V) and checked for the shape and cache offset they received, and each finished AR chunk is written
+at once (`ChunkGrouper`: `len(timesteps)` denoise passes then one t = 0 pass; upstream commits after every
+chunk, the last one included). `config.outside_model_ms`: each chunk's wall time minus its model calls
+(upstream's own work between calls; chunk 0 also holds generate's set-up).
 
 Third-party packages the loop needs: torch, numpy, einops (the model's forward), scipy (camera poses);
 Pillow is used for the input image when present. transformers, diffusers, torchvision, tqdm, easydict,
-ftfy and regex are used when they import, else replaced by the stand-ins below (noted).
+ftfy and regex are used when they import, else replaced by `upstream`'s stand-ins (noted).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
-import functools
 import importlib
 import importlib.util
 import inspect
 import math
-import re
 import statistics
-import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,11 +67,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from wm_jax.bench.peers import upstream
 from wm_jax.bench.peers.job import PeerJob, ResultWriter
-from wm_jax.bench.peers.torch_timing import TimedCalls, default_device_dtype, random_weights_
+from wm_jax.bench.peers.torch_timing import (ChunkGrouper, default_device_dtype, random_weights_, timed_calls,
+                                             torch_dtype)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HALF_DTYPES = (torch.bfloat16, torch.float16)
 TASK = "i2v-A14B"  # generate_fast.py's only task
 LATENT_CHANNELS = 16  # generate draws 16-channel noise (the Wan 2.1 VAE's z_dim)
 MASK_CHANNELS = 4  # I2V mask channels in `y` (one per pixel frame of a latent frame)
@@ -86,172 +85,10 @@ EMPTY_PACKAGES = ("wan", "wan.modules", "wan.utils")  # packages whose __init__ 
 # Third-party modules the upstream imports need but the fast loop does not use: stand-ins when missing.
 # ---------------------------------------------------------------------------------------------------
 
-
-def _module(name: str, **attrs: Any) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__dict__.update(attrs)
-    return module
-
-
-def _install(modules: list[types.ModuleType]) -> None:
-    """Puts `modules` (parents first) into sys.modules as packages with a spec (so that `find_spec` answers
-    for them) and links each to its parent."""
-    for module in modules:
-        module.__spec__ = importlib.util.spec_from_loader(module.__name__, loader=None, is_package=True)
-        module.__path__ = []
-        sys.modules[module.__name__] = module
-        parent, _, child = module.__name__.rpartition(".")
-        module.__package__ = module.__name__
-        if parent:
-            setattr(sys.modules[parent], child, module)
-
-
-def _to_tensor(pic: Any) -> torch.Tensor:
-    """torchvision's `to_tensor` for what generate passes (a PIL image or an HWC array): CHW float in [0, 1]."""
-    array = np.asarray(pic)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    return tensor.float().div(255) if array.dtype == np.uint8 else tensor.float()
-
-
-def _stub_torchvision() -> list[types.ModuleType]:
-    functional = _module("torchvision.transforms.functional", to_tensor=_to_tensor)
-    return [_module("torchvision"), _module("torchvision.transforms", functional=functional), functional]
-
-
-def _stub_tqdm() -> list[types.ModuleType]:
-    return [_module("tqdm", tqdm=lambda iterable=None, *args, **kwargs: iterable)]
-
-
-class _AttrDict(dict):
-    """What `easydict.EasyDict` gives the config files: a dict whose keys are also attributes."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
-
-
-def _stub_easydict() -> list[types.ModuleType]:
-    return [_module("easydict", EasyDict=_AttrDict)]
-
-
-def _stub_ftfy() -> list[types.ModuleType]:
-    return [_module("ftfy", fix_text=lambda text, *args, **kwargs: text)]
-
-
-def _stub_regex() -> list[types.ModuleType]:
-    return [_module("regex", **{name: getattr(re, name) for name in dir(re) if not name.startswith("__")})]
-
-
-class _NoTokenizer:
-    @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any):
-        raise RuntimeError("transformers is stubbed: no tokenizer (the T5 encoder is a stand-in)")
-
-
-def _stub_transformers() -> list[types.ModuleType]:
-    return [_module("transformers", AutoTokenizer=_NoTokenizer)]
-
-
-def _register_to_config(init: Callable) -> Callable:
-    """diffusers' `register_to_config` decorator, reduced to what the loop reads: the constructor's
-    arguments (defaults filled in) as an attribute dict at `.config`."""
-    signature = inspect.signature(init)
-
-    @functools.wraps(init)
-    def wrapped(self, *args: Any, **kwargs: Any) -> None:
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        values = {}
-        for name, value in list(bound.arguments.items())[1:]:
-            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                values.update(value)
-            elif signature.parameters[name].kind is not inspect.Parameter.VAR_POSITIONAL:
-                values[name] = value
-        object.__setattr__(self, "_internal_dict", _AttrDict(values))
-        init(self, *args, **kwargs)
-
-    return wrapped
-
-
-class _ConfigMixin:
-    config_name = None
-    ignore_for_config: list[str] = []
-
-    @property
-    def config(self) -> _AttrDict:
-        return self.__dict__.setdefault("_internal_dict", _AttrDict())
-
-    def register_to_config(self, **values: Any) -> None:
-        self.config.update(values)
-
-
-class _ModelMixin(torch.nn.Module):
-    pass
-
-
-class _SchedulerMixin:
-    pass
-
-
-@dataclasses.dataclass
-class _SchedulerOutput:
-    prev_sample: torch.Tensor
-
-
-def _stub_diffusers() -> list[types.ModuleType]:
-    schedulers_enum = enum.Enum("KarrasDiffusionSchedulers", {"FlowUniPCMultistepScheduler": 1})
-    return [
-        _module("diffusers"),
-        _module("diffusers.configuration_utils", ConfigMixin=_ConfigMixin, register_to_config=_register_to_config),
-        _module("diffusers.models"),
-        _module("diffusers.models.modeling_utils", ModelMixin=_ModelMixin),
-        _module("diffusers.schedulers"),
-        _module("diffusers.schedulers.scheduling_utils", KarrasDiffusionSchedulers=schedulers_enum,
-                SchedulerMixin=_SchedulerMixin, SchedulerOutput=_SchedulerOutput),
-        _module("diffusers.utils", deprecate=lambda *args, **kwargs: None,
-                is_scipy_available=lambda: importlib.util.find_spec("scipy") is not None),
-    ]
-
-
-def _attrs(module: str, *names: str) -> Callable[[], None]:
-    """A check that `from module import names` works."""
-    def check() -> None:
-        imported = importlib.import_module(module)
-        for name in names:
-            getattr(imported, name)
-    return check
-
-
-# top-level package -> (checks, what upstream uses it for, stand-in maker). Each is imported for real first and
-# stubbed only when that fails; transformers and diffusers come first, so that they see the real set of
-# installed packages (both probe for torchvision at import) before any stand-in exists.
-OPTIONAL_MODULES: dict[str, tuple[tuple[Callable[[], None], ...], str, Callable[[], list[types.ModuleType]]]] = {
-    "transformers": ((_attrs("transformers", "AutoTokenizer"),),
-                     "AutoTokenizer imported by wan/modules/tokenizers.py (unused); empty stand-in", _stub_transformers),
-    "diffusers": ((_attrs("diffusers.configuration_utils", "ConfigMixin", "register_to_config"),
-                   _attrs("diffusers.models.modeling_utils", "ModelMixin"),
-                   _attrs("diffusers.schedulers.scheduling_utils", "KarrasDiffusionSchedulers", "SchedulerMixin",
-                          "SchedulerOutput"),
-                   _attrs("diffusers.utils", "deprecate", "is_scipy_available")),
-                  "ModelMixin/ConfigMixin bases of WanModelFast and the scheduler's mixins; minimal stand-in "
-                  "(constructor arguments as .config, nothing else)", _stub_diffusers),
-    "torchvision": ((_attrs("torchvision.transforms.functional", "to_tensor"),),
-                    "to_tensor on the input image; numpy stand-in", _stub_torchvision),
-    "tqdm": ((_attrs("tqdm", "tqdm"),), "the chunk loop's progress bar; identity stand-in", _stub_tqdm),
-    "easydict": ((_attrs("easydict", "EasyDict"),), "upstream config objects; dict-with-attributes stand-in",
-                 _stub_easydict),
-    "ftfy": ((_attrs("ftfy", "fix_text"),), "imported by wan/modules/tokenizers.py (T5 tokenizer, unused); no-op "
-             "stand-in", _stub_ftfy),
-    "regex": ((_attrs("regex", "compile"),), "imported by wan/modules/tokenizers.py (unused); stdlib re stand-in",
-              _stub_regex),
-}
+# top-level packages the loop's modules import, tried in this order (`upstream.stub_if_broken`; transformers and
+# diffusers come first, so that they see the real set of installed packages, both probe for torchvision at
+# import, before any stand-in exists)
+OPTIONAL_MODULES = ("transformers", "diffusers", "torchvision", "tqdm", "easydict", "ftfy", "regex")
 # needed by the loop itself, no stand-in: a clear error when missing
 REQUIRED_MODULES = {"einops": "rearrange in WanModelFast.forward and generate's camera path",
                     "scipy": "camera pose interpolation (wan/utils/cam_utils.py: interp1d, Slerp)"}
@@ -261,15 +98,8 @@ def prepare_modules(writer: ResultWriter) -> None:
     for name, why in REQUIRED_MODULES.items():
         if importlib.util.find_spec(name) is None:
             raise ImportError(f"lingbot-fast needs the package {name!r} ({why}): pip install {name}")
-    for top, (checks, why, stub) in OPTIONAL_MODULES.items():
-        try:
-            for check in checks:
-                check()
-        except Exception as err:  # noqa: BLE001 - missing or broken (e.g. a torchvision built for another torch)
-            for key in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
-                del sys.modules[key]
-            _install(stub())
-            writer.note(f"stub: {top} ({type(err).__name__}: {err}) -> {why}")
+    for top in OPTIONAL_MODULES:
+        upstream.stub_if_broken(top, writer)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,27 +122,16 @@ def _cuda_current_device_on_cpu() -> Iterator[bool]:
         torch.cuda.current_device = original
 
 
-def import_upstream(upstream_dir: str | None, writer: ResultWriter) -> dict[str, types.ModuleType]:
-    """The upstream modules the adapter uses, imported from the checkout without running the `__init__`
+def import_upstream(upstream_dir: str | None, writer: ResultWriter) -> tuple[Path, dict[str, types.ModuleType]]:
+    """The checkout and the upstream modules the adapter uses, imported from it without running the `__init__`
     of `wan`, `wan.modules`, `wan.utils`."""
     if not upstream_dir:
         raise ValueError("lingbot-fast needs upstream_dir: a checkout of Robbyant/lingbot-world with the Fast loop")
     root = Path(upstream_dir).expanduser().resolve()
     if not (root / "wan" / "image2video_fast.py").is_file():
         raise FileNotFoundError(f"{root}: no wan/image2video_fast.py (expected a lingbot-world Fast checkout)")
-    if any(k == "wan" or k.startswith("wan.") for k in sys.modules):
-        raise RuntimeError("a module named 'wan' was imported before the checkout could be put first")
-    sys.path.insert(0, str(root))
-    for name in EMPTY_PACKAGES:
-        spec = importlib.util.spec_from_loader(name, loader=None, is_package=True)
-        spec.submodule_search_locations = [str(root.joinpath(*name.split(".")))]
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[name] = package
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(sys.modules[parent], child, package)
-    writer.note("import: wan, wan.modules, wan.utils registered as empty packages (their __init__ files, which "
-                "import the non-fast pipelines, are not run)")
+    upstream.checkout_first(root)
+    upstream.register_packages(root, EMPTY_PACKAGES, "import the non-fast pipelines", writer)
     with _cuda_current_device_on_cpu() as patched:
         modules = {name: importlib.import_module(f"wan.{name}")
                    for name in ("image2video_fast", "modules.attention", "configs")}
@@ -324,57 +143,7 @@ def import_upstream(upstream_dir: str | None, writer: ResultWriter) -> dict[str,
         if not path.is_relative_to(root):
             raise ImportError(f"imported wan.{name} from {path}, not from the checkout {root}")
     writer.note(f"upstream: {root} (wan.image2video_fast.WanI2VFast.generate, wan.modules.model_fast.WanModelFast)")
-    return modules
-
-
-# ---------------------------------------------------------------------------------------------------
-# Attention: flash-attn -> torch SDPA.
-# ---------------------------------------------------------------------------------------------------
-
-
-def _sdpa_keep_dtype(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None,
-                     causal=False, window_size=(-1, -1), deterministic=False, dtype=None, **unused):
-    """[B, L, N, D] attention by torch SDPA in q's dtype (scale 1/sqrt(D)); for float32 jobs only."""
-    if q_scale is not None:
-        q = q * q_scale
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype), dropout_p=dropout_p,
-        is_causal=causal, scale=softmax_scale)
-    return out.transpose(1, 2).contiguous()
-
-
-def route_attention(attention_module: types.ModuleType, dtype: torch.dtype, writer: ResultWriter) -> None:
-    """Replaces `flash_attention` (and for non-half dtypes `attention`) in every loaded `wan.*` module."""
-    original_flash, original_attention = attention_module.flash_attention, attention_module.attention
-    had_flash = [flag for flag in ("FLASH_ATTN_2_AVAILABLE", "FLASH_ATTN_3_AVAILABLE")
-                 if getattr(attention_module, flag, False)]
-    for flag in had_flash:
-        setattr(attention_module, flag, False)
-    if had_flash:
-        writer.note(f"attention: flash-attn is installed ({', '.join(had_flash)}) but not used: upstream's SDPA "
-                    f"fallback is forced")
-    if dtype in HALF_DTYPES:
-        def routed_flash_attention(q, k, v, *args, version=None, **kwargs):
-            return original_attention(q, k, v, *args, **kwargs).to(q.dtype)
-
-        replacements = {"flash_attention": routed_flash_attention}
-        writer.note("attention: flash_attention -> upstream's own SDPA fallback wan.modules.attention.attention "
-                    "(torch scaled_dot_product_attention; cuDNN only on CUDA, forced by the runner); self-attention "
-                    "already calls that fallback")
-    else:
-        replacements = {"flash_attention": _sdpa_keep_dtype, "attention": _sdpa_keep_dtype}
-        writer.note(f"attention: flash_attention and attention -> torch SDPA in the inputs' dtype ({dtype}; "
-                    f"upstream's fallback would cast to bfloat16)")
-    originals = {"flash_attention": original_flash, "attention": original_attention}
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == "wan" or name.startswith("wan.")):
-            continue
-        for attr, replacement in replacements.items():
-            if getattr(module, attr, None) is originals[attr]:
-                setattr(module, attr, replacement)
-                patched.append(f"{name}.{attr}")
-    writer.note(f"attention: replaced {', '.join(sorted(patched))}")
+    return root, modules
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -490,65 +259,13 @@ def call_label(args: tuple, kwargs: dict) -> dict[str, Any]:
             "kv_cache_shape": list(cache[0]["k"].shape) if cache else None}
 
 
-class ChunkRecorder:
-    """Groups the timed calls into AR chunks as they come (`passes` denoise calls, then the t = 0 commit)
-    and writes each finished chunk at once; checks every call had the job's chunk shape and cache offset."""
-
-    def __init__(self, job: PeerJob, writer: Any, passes: int):
-        self.job, self.writer, self.passes = job, writer, passes
-        self.chunk_shape = [LATENT_CHANNELS, job.chunk_frames, job.latent_height, job.latent_width]
-        self.pending: list[tuple[float, dict]] = []
-        self.index = 0
-        self.first_chunk: list[dict] = []
-        self.chunk_end = time.perf_counter()
-        self.outside_ms: list[float] = []  # per chunk: its wall time minus its model calls (chunk 0: + setup)
-
-    def add(self, ms: float, label: dict) -> None:
-        start = self.index * self.job.chunk_frames * self.job.tokens_per_frame
-        if label["shape"] != self.chunk_shape or label["current_start"] != start:
-            raise ValueError(f"model call {len(self.pending) + 1} of chunk {self.index}: latent {label['shape']} at "
-                             f"token {label['current_start']}, the job needs {self.chunk_shape} at token {start}")
-        self.pending.append((ms, label))
-        commit = label["t"] == self.job.context_timestep
-        if not commit and len(self.pending) <= self.passes:
-            return
-        if not commit or len(self.pending) != self.passes + 1:
-            raise RuntimeError(f"chunk {self.index}: {len(self.pending) - commit} denoise calls "
-                               f"{'before the t = 0 pass' if commit else 'without a t = 0 pass'}, expected "
-                               f"{self.passes}")
-        self._write(commit_ms=ms)
-
-    def _write(self, commit_ms: float | None) -> None:
-        denoise = self.pending if commit_ms is None else self.pending[:-1]
-        if self.index == 0:
-            self.first_chunk = [label for _, label in self.pending]
-        self.writer.chunk(self.index, sum(ms for ms, _ in denoise), 0.0 if commit_ms is None else commit_ms,
-                          [ms for ms, _ in self.pending])
-        now = time.perf_counter()
-        self.outside_ms.append((now - self.chunk_end) * 1e3 - sum(ms for ms, _ in self.pending))
-        self.pending, self.index, self.chunk_end = [], self.index + 1, now
-
-    def finish(self) -> None:
-        """After generate returned: a last chunk without its commit is recorded with commit_ms 0 (upstream
-        at 65d29dd commits after every chunk, so this is only for other versions); the count must match."""
-        if self.pending:
-            if len(self.pending) != self.passes or self.index != self.job.total_blocks - 1:
-                raise RuntimeError(f"generate ended with {len(self.pending)} calls of an unfinished chunk {self.index}")
-            self._write(commit_ms=None)
-            self.writer.note(f"upstream skipped the t = 0 pass after the last chunk ({self.index - 1}): its "
-                             f"commit_ms is recorded as 0")
-        if self.index != self.job.total_blocks:
-            raise RuntimeError(f"generate ran {self.index} chunks, the job needs {self.job.total_blocks}")
-
-
 # ---------------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------------
 
 
 def check_job(job: PeerJob) -> tuple[torch.dtype, str]:
-    if job.dtype not in DTYPES:
-        raise ValueError(f"dtype {job.dtype}: expected one of {', '.join(DTYPES)}")
+    dtype = torch_dtype(job.dtype)
     cfg = job.model
     camera = cfg.get("camera_channels")
     if camera != 6 * 64:
@@ -560,7 +277,7 @@ def check_job(job: PeerJob) -> tuple[torch.dtype, str]:
                          f"{job.latent_channels} latent channels, in_dim {cfg['in_dim']}, out_dim {cfg['out_dim']}")
     if job.tokens_per_frame * 4 != job.latent_height * job.latent_width:
         raise ValueError(f"tokens_per_frame {job.tokens_per_frame} is not {job.latent_height}x{job.latent_width}/4")
-    return DTYPES[job.dtype], "cam"
+    return dtype, "cam"
 
 
 def build_model(model_fast_cls: type, upstream_cfg: Any, job: PeerJob, dtype: torch.dtype, device: torch.device,
@@ -625,10 +342,10 @@ def setup(job: PeerJob, writer: ResultWriter, device: torch.device) -> Setup:
     """Imports the checkout, builds the random model and the pipeline, records `config` and the notes."""
     dtype, control_type = check_job(job)
     prepare_modules(writer)
-    modules = import_upstream(job.upstream_dir, writer)
-    i2v_fast, attention_module = modules["image2video_fast"], modules["modules.attention"]
+    root, modules = import_upstream(job.upstream_dir, writer)
+    i2v_fast = modules["image2video_fast"]
     upstream_cfg = modules["configs"].WAN_CONFIGS[TASK]
-    route_attention(attention_module, dtype, writer)
+    upstream.route_attention(root, modules["modules.attention"], dtype, writer)
 
     defaults = {name: p.default for name, p in inspect.signature(i2v_fast.WanI2VFast.generate).parameters.items()}
     timesteps_index = list(defaults["timesteps_index"])
@@ -688,29 +405,32 @@ class DiscardWriter:
         pass
 
 
-def rollout(s: Setup, writer: ResultWriter | DiscardWriter) -> ChunkRecorder:
-    """One `generate` call (fresh caches, as every call makes its own) with each model call timed and each
-    finished chunk written to `writer`."""
+def rollout(s: Setup, writer: ResultWriter | DiscardWriter) -> tuple[list[dict], list[float]]:
+    """One `generate` call (fresh caches, as every call makes its own) with each model call timed and checked,
+    and each finished chunk written to `writer`; returns the labels of chunk 0's calls and the `outside_ms`
+    of every chunk."""
     job, pipe = s.job, s.pipe
-    recorder = ChunkRecorder(job, writer, passes=s.passes)
-    timer = TimedCalls(pipe.model, "forward", s.device, label=call_label)
-    timed_forward = pipe.model.forward
+    chunks = ChunkGrouper(writer, s.passes, job.context_timestep, job.total_blocks)
+    chunk_shape = [LATENT_CHANNELS, job.chunk_frames, job.latent_height, job.latent_width]
+    first: list[dict] = []
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        out = timed_forward(*args, **kwargs)
-        recorder.add(*timer.calls[-1])
-        return out
+    def record(ms: float, args: tuple, kwargs: dict) -> None:
+        label = call_label(args, kwargs)
+        start = chunks.index * job.chunk_frames * job.tokens_per_frame
+        if label["shape"] != chunk_shape or label["current_start"] != start:
+            raise ValueError(f"model call {len(chunks.pending) + 1} of chunk {chunks.index}: latent {label['shape']} "
+                             f"at token {label['current_start']}, the job needs {chunk_shape} at token {start}")
+        if chunks.index == 0:
+            first.append(label)
+        chunks.add(ms, label["t"])
 
-    pipe.model.forward = forward
     with tempfile.TemporaryDirectory(prefix="wm_jax_lingbot_fast_") as folder:
         write_action_folder(Path(folder), s.call_kwargs["frame_num"])
-        try:
+        with timed_calls(pipe.model, "forward", s.device, record):
             pipe.generate(PROMPT, input_image(job.pixel_height, job.pixel_width, job.seed), action_path=folder,
                           **s.call_kwargs)
-        finally:
-            timer.restore()
-    recorder.finish()
-    return recorder
+    chunks.finish(last_commit_optional=True)  # 65d29dd commits after every chunk; this is for other versions
+    return first, chunks.outside_ms
 
 
 def run(job: PeerJob, writer: ResultWriter, device: torch.device) -> None:
@@ -727,15 +447,13 @@ def run(job: PeerJob, writer: ResultWriter, device: torch.device) -> None:
         writer.note(f"warm-up: one full generate with the same arguments, untimed, before the timed one "
                     f"({time.perf_counter() - start:.1f} s; the KV shapes of every chunk seen once)")
     s.config["warmup_rollouts"] = warmup
-    recorder = rollout(s, writer)
-    first = recorder.first_chunk
-    outside = recorder.outside_ms[1:]
+    first, outside_ms = rollout(s, writer)
     s.config.update(timesteps=[label["t"] for label in first[:-1]], context_timestep=first[-1]["t"],
                     kv_cache_shape=first[0]["kv_cache_shape"], vae_encode_input=list(s.pipe.vae.encoded[0]),
-                    outside_model_ms=[round(ms, 3) for ms in recorder.outside_ms])
+                    outside_model_ms=[round(ms, 3) for ms in outside_ms])
     writer.set(config=s.config)
-    if outside:
-        writer.note(f"outside the model: median {statistics.median(outside):.1f} ms per chunk (chunks >= 1: "
+    if outside_ms[1:]:
+        writer.note(f"outside the model: median {statistics.median(outside_ms[1:]):.1f} ms per chunk (chunks >= 1: "
                     f"a chunk's wall time minus its model calls; config.outside_model_ms)")
     if any(abs(a - b) > 1.0 for a, b in zip(s.config["timesteps"], job.timesteps)):
         writer.note(f"timesteps: upstream's default table gave {s.config['timesteps']}, the job's recipe "

@@ -5,16 +5,17 @@ job's shapes and random weights of the job's sizes, every model call timed with 
 Nothing of upstream is copied here: its modules are imported from the checkout at run time and upstream's loop
 runs as it is. Around it (each written to the result's notes, as FlashDreams' parity harness does it):
 
-* imports: the package `__init__`s of `pipeline`, `wan` and `wan.modules` (which import every pipeline, the
-  T2V/I2V apps, configs, distributed helpers) are not run: the submodules the loop needs are imported directly.
-  A third-party package a needed module imports that is missing or broken here is replaced by a stub module
-  (diffusers' `ModelMixin` / `ConfigMixin` / `register_to_config` get working stand-ins, as they are
-  `CausalWanModel`'s bases), and `demo_utils.memory` (it calls `torch.cuda.current_device()` when imported,
-  used only with `low_memory=True`) is stubbed when its import fails.
-* attention: flash-attn is not installed; `flash_attention` and `attention` in every upstream module that
-  holds them (wan.modules.attention, .model, .causal_model) go to upstream's own SDPA fallback
-  (`wan.modules.attention.attention` with the flash flags off) in the inputs' dtype, i.e. torch SDPA, which
-  the runner restricts to cuDNN on CUDA.
+* imports (`peers.upstream`): the package `__init__`s of `pipeline`, `wan` and `wan.modules` (which import every
+  pipeline, the T2V/I2V apps, configs, distributed helpers) are not run: the submodules the loop needs are
+  imported directly. A third-party package a needed module imports that fails to import here is replaced by a
+  stub module (diffusers' `ModelMixin` / `ConfigMixin` / `register_to_config` get working stand-ins, as they
+  are `CausalWanModel`'s bases), and `demo_utils.memory` (it calls `torch.cuda.current_device()` when
+  imported, used only with `low_memory=True`) and the T5 / VAE modules are stubbed when their import fails.
+* attention (`upstream.route_attention`): flash-attn is not used; `flash_attention` and `attention` in every
+  upstream module that holds them (wan.modules.attention, .model, .causal_model) go to upstream's own SDPA
+  fallback (`wan.modules.attention.attention` with the flash flags off) with flash-attn's dtype rule, i.e.
+  torch SDPA, which the runner restricts to cuDNN on CUDA; in a float32 job (CPU checks) to torch SDPA in
+  float32 (the fallback would cast to bfloat16).
 * weights: `CausalWanModel.from_pretrained` is replaced, while `WanDiffusionWrapper` is built, by a stand-in
   that builds the model with the job's config on the device in the job's dtype and fills it with random
   weights (`random_weights_`); the wrapper itself (its scheduler, x0 conversion) is upstream's.
@@ -30,7 +31,6 @@ runs as it is. Around it (each written to the result's notes, as FlashDreams' pa
 from __future__ import annotations
 
 import importlib
-import importlib.machinery
 import inspect
 import re
 import sys
@@ -43,8 +43,10 @@ from typing import Any
 
 import torch
 
+from wm_jax.bench.peers import upstream
 from wm_jax.bench.peers.job import PeerJob, ResultWriter
-from wm_jax.bench.peers.torch_timing import TimedCalls, default_device_dtype, random_weights_
+from wm_jax.bench.peers.torch_timing import (ChunkGrouper, default_device_dtype, random_weights_, timed_calls,
+                                             torch_dtype)
 
 # What the adapter imports from the checkout (the markers in PEERS, plus the modules whose attention it routes).
 NEEDED = ("wan.modules.attention", "wan.modules.model", "wan.modules.causal_model", "utils.wan_wrapper",
@@ -71,13 +73,13 @@ def run(job: PeerJob, writer: ResultWriter, device: torch.device) -> None:
     if not job.upstream_dir:
         raise ValueError("self-forcing needs upstream_dir: a checkout of guandeh17/Self-Forcing")
     root = Path(job.upstream_dir).expanduser().resolve()
-    dtype = getattr(torch, job.dtype)
+    dtype = torch_dtype(job.dtype)
     cfg = dict(job.model)
     _check_job(job, cfg)
     total_frames = job.total_blocks * job.chunk_frames
 
     mods = _import_upstream(root, writer)
-    _route_attention(root, mods["wan.modules.attention"], writer)
+    upstream.route_attention(root, mods["wan.modules.attention"], dtype, writer)
     settings = _settings(root, writer)
 
     # Upstream's own step list, when it has the job's number of denoise passes.
@@ -199,21 +201,10 @@ def run(job: PeerJob, writer: ResultWriter, device: torch.device) -> None:
             pipeline.inference(noise=noise, text_prompts=[PROMPT], return_latents=False)
             writer.note(f"warm-up: one whole inference with the same inputs, untimed, before the timed one "
                         f"({time.perf_counter() - start:.1f} s)")
-        blocks = _Blocks(writer, step_list, context)
-        timer = TimedCalls(generator, "forward", device, label=_timestep_of)
-        timed = generator.forward
-
-        def recorded(*a, **kw):
-            out = timed(*a, **kw)
-            blocks.add(*timer.calls[-1])
-            return out
-
-        generator.forward = recorded
-        try:
+        chunks = ChunkGrouper(writer, len(step_list), context, job.total_blocks, steps=step_list)
+        with timed_calls(generator, "forward", device, lambda ms, a, kw: chunks.add(ms, _timestep_of(a, kw))):
             pipeline.inference(noise=noise, text_prompts=[PROMPT], return_latents=False)
-        finally:
-            timer.restore()
-    blocks.finish(job.total_blocks)
+    chunks.finish()
 
 
 def _check_job(job: PeerJob, cfg: dict) -> None:
@@ -240,39 +231,16 @@ def _check_job(job: PeerJob, cfg: dict) -> None:
 
 def _import_upstream(root: Path, writer: ResultWriter) -> dict[str, types.ModuleType]:
     """The modules in NEEDED, imported from `root` (first on sys.path), with the bypasses and stubs above."""
-    root_str = str(root)
-    if root_str in sys.path:
-        sys.path.remove(root_str)
-    sys.path.insert(0, root_str)
-    tops = {p.stem if p.suffix == ".py" else p.name for p in root.iterdir()
-            if not p.name.startswith((".", "_")) and (p.is_dir() or p.suffix == ".py")}
-    for name in [n for n in sys.modules if n.split(".")[0] in tops]:  # same-named modules from elsewhere
-        if not _under(sys.modules[name], root) and not _is_stub(sys.modules[name]):
-            del sys.modules[name]
+    tops = upstream.checkout_first(root)
     before = set(sys.modules)
-
-    bypassed = []
-    for pkg in BYPASSED_PACKAGES:
-        folder = root.joinpath(*pkg.split("."))
-        if (folder / "__init__.py").is_file():
-            module = types.ModuleType(pkg)
-            module.__spec__ = importlib.machinery.ModuleSpec(pkg, None, is_package=True)
-            module.__spec__.submodule_search_locations = [str(folder)]
-            module.__path__ = [str(folder)]
-            _register(pkg, module)
-            bypassed.append(f"{pkg}/__init__.py")
-    if bypassed:
-        writer.note(f"imports: {', '.join(bypassed)} not run (they import every pipeline / the T2V, I2V apps); the "
-                    f"loop's modules are imported directly: {', '.join(NEEDED)}")
-
+    upstream.register_packages(root, BYPASSED_PACKAGES, "import every pipeline / the T2V, I2V apps", writer)
     for name, use in OFF_PATH.items():
         if not root.joinpath(*name.split(".")).with_suffix(".py").is_file():
             continue
         try:
             importlib.import_module(name)
         except Exception as err:  # noqa: BLE001 - e.g. torch.cuda.current_device() at import on a CPU machine
-            _stub(name, {})
-            writer.note(f"stub module {name} (its import fails here: {type(err).__name__}: {err}); {use}")
+            upstream.stub(name, f"its import fails here: {type(err).__name__}: {err}", writer, use)
 
     for _ in range(64):
         try:
@@ -285,7 +253,7 @@ def _import_upstream(root: Path, writer: ResultWriter) -> dict[str, types.Module
 def _stub_missing(err: ImportError, root: Path, tops: set[str], before: set[str], writer: ResultWriter) -> None:
     """Stubs the third-party module whose import failed at the deepest upstream import statement in `err`'s
     traceback; re-raises `err` when the failure is upstream's own or in a module imported before."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if _path_under(f.filename, root)]
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if upstream.under(f.filename, root)]
     line = (frames[-1].line or "") if frames else ""
     match = re.match(r"\s*(?:from\s+([\w.]+)\s+import|import\s+([\w.]+))", line)
     target = (match.group(1) or match.group(2)) if match else (err.name or "")
@@ -293,130 +261,21 @@ def _stub_missing(err: ImportError, root: Path, tops: set[str], before: set[str]
     if not target or top in tops or (err.name or "").split(".")[0] in tops:
         raise err
     where = f"{Path(frames[-1].filename).relative_to(root)}:{frames[-1].lineno}" if frames else "upstream"
-    if top in sys.modules and _is_stub(sys.modules[top]):
+    if top in sys.modules and upstream.is_stub(sys.modules[top]):
         name = target  # a submodule of a package stubbed already
+        if name in sys.modules and upstream.is_stub(sys.modules[name]):
+            raise err
     elif top in before:
         raise ImportError(f"self-forcing: {where} imports {target}, which fails here ({err}); {top} was imported "
                           "before upstream, so it is not stubbed") from err
     else:
         name = top
-        for loaded in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
-            del sys.modules[loaded]  # a broken install's partial import
-    if name in sys.modules and _is_stub(sys.modules[name]):
-        raise err
-    _stub(name, _STAND_INS.get(name, {}))
     why = "not installed" if isinstance(err, ModuleNotFoundError) and err.name and \
         err.name.split(".")[0] == top else f"fails to import: {err}"
-    extra = _STAND_IN_NOTES.get(name, "not on the timed path")
-    writer.note(f"stub module {name} ({why}; imported by {where}): {extra}")
+    upstream.stub(name, f"{why}; imported by {where}", writer)
 
 
-class _ConfigMixinStandIn:
-    """Stand-in for diffusers' ConfigMixin (config bookkeeping only; nothing on the timed path reads it)."""
-
-    config_name = "config.json"
-
-
-def _register_to_config_stand_in(init):
-    return init
-
-
-_STAND_INS: dict[str, dict[str, Any]] = {
-    "diffusers.configuration_utils": {"ConfigMixin": _ConfigMixinStandIn,
-                                      "register_to_config": _register_to_config_stand_in},
-    "diffusers.models.modeling_utils": {"ModelMixin": torch.nn.Module},
-}
-_STAND_IN_NOTES = {
-    "diffusers": "an empty package; the submodules upstream imports follow",
-    "diffusers.configuration_utils": "ConfigMixin -> a plain mixin, register_to_config -> a no-op decorator "
-                                     "(CausalWanModel's config bookkeeping; no compute)",
-    "diffusers.models.modeling_utils": "ModelMixin -> torch.nn.Module (CausalWanModel's base; its forward is "
-                                       "upstream's own)",
-}
-
-
-def _missing(qualname: str) -> type:
-    def fail(*_, **__):
-        raise RuntimeError(f"{qualname} is a stub (its package is missing here) and was called; the Self-Forcing "
-                           "adapter assumed it is not on the timed path")
-
-    return type(qualname.rpartition(".")[2], (), {"__init__": fail, "__module__": qualname.rpartition(".")[0]})
-
-
-def _stub(name: str, attrs: dict[str, Any]) -> types.ModuleType:
-    parent = name.rpartition(".")[0]
-    if parent and parent not in sys.modules:
-        _stub(parent, _STAND_INS.get(parent, {}))
-    module = types.ModuleType(name, "wm_jax self-forcing adapter stub")
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-    module.__path__ = []
-    module.__wm_jax_stub__ = True
-    module.__dict__.update(attrs)
-
-    def __getattr__(attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return _missing(f"{name}.{attr}")
-
-    module.__getattr__ = __getattr__
-    _register(name, module)
-    return module
-
-
-def _register(name: str, module: types.ModuleType) -> None:
-    sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
-    if parent and parent in sys.modules:
-        setattr(sys.modules[parent], child, module)
-
-
-def _is_stub(module: Any) -> bool:
-    return bool(getattr(module, "__dict__", {}).get("__wm_jax_stub__"))
-
-
-def _path_under(path: str | None, root: Path) -> bool:
-    if not path:
-        return False
-    try:
-        return Path(path).resolve().is_relative_to(root)
-    except (OSError, ValueError):
-        return False
-
-
-def _under(module: Any, root: Path) -> bool:
-    return _path_under(getattr(module, "__dict__", {}).get("__file__"), root)
-
-
-# --------------------------------------------------------------------------------------------- attention, config
-
-def _route_attention(root: Path, attention_module: types.ModuleType, writer: ResultWriter) -> None:
-    fallback = attention_module.attention
-    originals = (fallback, attention_module.flash_attention)
-    flags = [name for name in ("FLASH_ATTN_2_AVAILABLE", "FLASH_ATTN_3_AVAILABLE") if hasattr(attention_module, name)]
-    was_on = [name for name in flags if getattr(attention_module, name)]
-    for name in flags:
-        setattr(attention_module, name, False)
-
-    def sdpa(q, k, v, **kwargs):
-        kwargs.pop("version", None)
-        kwargs.pop("fa_version", None)
-        kwargs["dtype"] = q.dtype  # the fallback casts to `dtype` (bfloat16 by default) and returns that
-        return fallback(q, k, v, **kwargs)
-
-    routed = []
-    for name, module in sorted(sys.modules.items()):
-        if module is None or not _under(module, root):
-            continue
-        for attr in ("flash_attention", "attention"):
-            if any(module.__dict__.get(attr) is f for f in originals):
-                setattr(module, attr, sdpa)
-                routed.append(f"{name}.{attr}")
-    if not routed:
-        raise RuntimeError("self-forcing: found no flash_attention / attention to route in upstream's modules")
-    writer.note(f"attention: flash-attn is not used{' (it is installed: ' + ', '.join(was_on) + ' forced off)' if was_on else ''}; "
-                f"{', '.join(routed)} -> upstream's SDPA fallback wan.modules.attention.attention (flash flags off) "
-                "in the inputs' dtype = torch scaled_dot_product_attention (cuDNN backend forced on CUDA)")
-
+# ---------------------------------------------------------------------------------------------------- config
 
 def _settings(root: Path, writer: ResultWriter) -> dict[str, Any]:
     settings = {key: (dict(value) if isinstance(value, dict) else value) for key, value in DMD_SETTINGS.items()}
@@ -535,38 +394,6 @@ class _VAEStub(torch.nn.Module):
 def _timestep_of(args: tuple, kwargs: dict) -> float | None:
     t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
     return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else None
-
-
-class _Blocks:
-    """Groups the timed generator calls into AR blocks as they come (k denoise calls at the step list's
-    timesteps, then the context call) and writes each finished block."""
-
-    def __init__(self, writer: ResultWriter, steps: list[float], context: float):
-        self.writer, self.steps, self.context = writer, steps, context
-        self.pending: list[tuple[float, float | None]] = []
-        self.index = 0
-
-    def add(self, ms: float, t: float | None) -> None:
-        self.pending.append((ms, t))
-        k = len(self.steps)
-        is_context = t is not None and abs(t - self.context) < 0.5
-        if not is_context and len(self.pending) <= k:
-            return
-        labels = [t for _, t in self.pending]
-        if (len(self.pending) != k + 1 or not is_context or None in labels
-                or any(abs(a - b) >= 0.5 for a, b in zip(labels, self.steps))):
-            raise RuntimeError(f"self-forcing: block {self.index} made model calls at t = {labels}; the adapter expects "
-                               f"{k} denoise calls at t = {self.steps} then one context call at t = {self.context} "
-                               "(upstream's loop differs from 33593df)")
-        times = [ms for ms, _ in self.pending]
-        self.writer.chunk(self.index, sum(times[:-1]), times[-1], times)
-        self.index += 1
-        self.pending = []
-
-    def finish(self, total_blocks: int) -> None:
-        if self.pending or self.index != total_blocks:
-            raise RuntimeError(f"self-forcing: upstream's loop ran {self.index} full blocks (+{len(self.pending)} calls); "
-                               f"the job has {total_blocks}")
 
 
 def _plain(value: Any) -> Any:

@@ -1,5 +1,5 @@
-"""Torch-side helpers every peer adapter uses: cuDNN SDPA forced, random weights made on the device, model
-calls timed with the device synchronised, grouping of timed calls into AR steps.
+"""Torch-side helpers every peer adapter uses: the job's dtype, cuDNN SDPA forced, random weights made on the
+device, model calls timed with the device synchronised, grouping of a rollout's timed calls into AR chunks.
 
 Imported only in the peer's child process (it imports torch); nothing here imports JAX.
 """
@@ -13,6 +13,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def sync(device: torch.device) -> None:
@@ -71,40 +79,78 @@ def random_weights_(module: torch.nn.Module, seed: int) -> int:
     return count
 
 
-class TimedCalls:
-    """Replaces `owner.<attr>` (a bound method or module) with a wrapper that synchronises the device before
-    and after every call and records (milliseconds, label) where `label(args, kwargs)` names the call
-    (e.g. its timestep). `restore()` puts the original back."""
-
-    def __init__(self, owner: Any, attr: str, device: torch.device,
-                 label: Callable[[tuple, dict], Any] = lambda args, kwargs: None):
-        self.owner, self.attr, self.device, self.label = owner, attr, device, label
-        self.original = getattr(owner, attr)
-        self.calls: list[tuple[float, Any]] = []
-        original = self.original
-
-        def timed(*args, **kwargs):
-            sync(device)
-            start = time.perf_counter()
-            out = original(*args, **kwargs)
-            sync(device)
-            self.calls.append(((time.perf_counter() - start) * 1e3, label(args, kwargs)))
-            return out
-
-        setattr(owner, attr, timed)
-
-    def restore(self) -> None:
-        setattr(self.owner, self.attr, self.original)
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(milliseconds, result) of one call of `fn`, the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3, out
 
 
-def group_steps(calls: list[float], passes_per_step: int) -> list[tuple[float, float, list[float]]]:
-    """Splits a rollout's model-call times (in call order: per AR step `passes_per_step - 1` denoise passes,
-    then the commit pass) into (denoise_ms, commit_ms, pass_ms) per step; a trailing partial step is left out."""
-    steps = []
-    for start in range(0, len(calls) - passes_per_step + 1, passes_per_step):
-        step = calls[start:start + passes_per_step]
-        steps.append((sum(step[:-1]), step[-1], list(step)))
-    return steps
+@contextlib.contextmanager
+def timed_calls(owner: Any, attr: str, device: torch.device,
+                record: Callable[[float, tuple, dict], None]) -> Iterator[None]:
+    """Inside, `owner.<attr>` (a bound method or module) is timed (`timed`) at every call and
+    `record(ms, args, kwargs)` runs after each; the original is put back on the way out."""
+    original = getattr(owner, attr)
+
+    def timed_call(*args, **kwargs):
+        ms, out = timed(lambda: original(*args, **kwargs), device)
+        record(ms, args, kwargs)
+        return out
+
+    setattr(owner, attr, timed_call)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, original)
+
+
+class ChunkGrouper:
+    """Groups a rollout's timed model calls, labelled by their timestep, into AR chunks as they come: `passes`
+    denoise calls (at `steps`, when given), then the commit call at the context timestep (within 0.5); each
+    chunk is written to `writer` as soon as its commit call closes it. Any other structure raises.
+    `outside_ms`: per chunk, its wall time minus its model calls (chunk 0 also holds what came before its
+    first call, from the grouper's creation)."""
+
+    def __init__(self, writer: Any, passes: int, context: float, total: int, steps: list[float] | None = None):
+        self.writer, self.passes, self.context, self.total, self.steps = writer, passes, context, total, steps
+        self.pending: list[tuple[float, float | None]] = []
+        self.index = 0
+        self.outside_ms: list[float] = []
+        self.chunk_end = time.perf_counter()
+
+    def add(self, ms: float, t: float | None) -> None:
+        self.pending.append((ms, t))
+        commit = t is not None and abs(t - self.context) < 0.5
+        if not commit and len(self.pending) <= self.passes:
+            return
+        labels = [t for _, t in self.pending]
+        if not commit or len(self.pending) != self.passes + 1 or (self.steps is not None and any(
+                a is None or abs(a - b) >= 0.5 for a, b in zip(labels, self.steps))):
+            raise RuntimeError(f"chunk {self.index} made model calls at t = {labels}; the adapter expects "
+                               f"{self.passes} denoise calls{f' at t = {self.steps}' if self.steps else ''} then one "
+                               f"commit call at t = {self.context} (upstream's loop differs from the adapter's commit)")
+        self._write(commit=True)
+
+    def _write(self, commit: bool) -> None:
+        times = [ms for ms, _ in self.pending]
+        self.writer.chunk(self.index, sum(times[:-1] if commit else times), times[-1] if commit else 0.0, times)
+        now = time.perf_counter()
+        self.outside_ms.append((now - self.chunk_end) * 1e3 - sum(times))
+        self.pending, self.index, self.chunk_end = [], self.index + 1, now
+
+    def finish(self, last_commit_optional: bool = False) -> None:
+        """After the loop returned: every chunk of the job must be closed. With `last_commit_optional`, a last
+        chunk of `passes` calls without its commit call is written with commit_ms 0 (and noted)."""
+        if last_commit_optional and len(self.pending) == self.passes and self.index == self.total - 1:
+            self._write(commit=False)
+            self.writer.note(f"upstream skipped the commit pass after the last chunk ({self.index - 1}): its "
+                             f"commit_ms is recorded as 0")
+        if self.pending or self.index != self.total:
+            raise RuntimeError(f"upstream's loop ran {self.index} full chunks (+{len(self.pending)} calls); the job "
+                               f"has {self.total}")
 
 
 def peak_memory_gib(device: torch.device) -> float | None:
