@@ -62,11 +62,14 @@ def test_check_checkout_warns_on_another_commit(tmp_path):
 
 @pytest.mark.parametrize("args, code, expected", [
     (["--peer", "self-forcing"], 1, "--peer self-forcing needs --upstream_dir: a checkout of guandeh17/Self-Forcing"),
-    (["--upstream_dir", "x"], 2, "--upstream_dir is given without --peer"),
+    (["--upstream_dir", "x"], 1, "--upstream_dir is given without --peer"),
     (["--peer", "nope"], 1, "--peer nope: expected one of self-forcing, lingbot-fast, diffusers-wan"),
     (["--peer", "self-forcing", "--upstream_dir", "/nonexistent/sf"], 1, "--upstream_dir /nonexistent/sf: no such folder"),
-    (["--peer", "self-forcing", "--peer", "lingbot-fast", "--upstream_dir", "d"], 2, "expected NAME=DIR"),
+    (["--peer", "self-forcing", "--peer", "lingbot-fast", "--upstream_dir", "d"], 1,
+     "--upstream_dir d: expected NAME=DIR with NAME one of the --peer values (self-forcing, lingbot-fast)"),
     (["--warmup_chunks", "7"], 1, "--warmup_chunks 7: expected 0 .. --total_blocks - 1 (6)"),
+    (["--decoders", "taehv,vq"], 1, "--decoders taehv,vq: vq unknown; expected a comma list of taehv, wan_vae"),
+    (["--forward_frames", "0"], 1, "--forward_frames 0: expected a positive integer"),
 ])
 def test_bench_bad_input_is_named_before_any_work(args, code, expected):
     proc = wm_jax("bench", "tiny", *args)
@@ -75,21 +78,32 @@ def test_bench_bad_input_is_named_before_any_work(args, code, expected):
     assert "matmul ceiling" not in proc.stderr and not proc.stdout  # nothing measured
 
 
+def test_bench_refuses_a_peer_that_cannot_run_the_recipe(tmp_path):
+    tree = marker_tree(tmp_path / "sf", "self-forcing")
+    proc = wm_jax("bench", "tiny", "--peer", "self-forcing", "--upstream_dir", tree)
+    assert proc.returncode == 1
+    assert ("--peer self-forcing runs text-to-video models (no image or camera input); recipe tiny is a camera "
+            "model") in proc.stderr
+    assert "matmul ceiling" not in proc.stderr
+
+
 def test_bench_keeps_our_figures_when_a_peer_fails(tmp_path):
-    tree = marker_tree(tmp_path / "sf", "self-forcing", broken_import="stand-in upstream broke at import")
+    tree = marker_tree(tmp_path / "lingbot", "lingbot-fast", broken_import="stand-in upstream broke at import")
     out = tmp_path / "results" / "bench.json"
     proc = wm_jax("bench", "tiny", "--total_blocks", "3", "--warmup_chunks", "1", "--decoders", "taehv",
-                  "--peer", "self-forcing", "--upstream_dir", tree, "--json", out)
+                  "--warmup_rollouts", "0", "--attention", "xla", "--peer", "lingbot-fast", "--upstream_dir", tree,
+                  "--json", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "self-forcing (stopped)" in proc.stdout
-    # (tiny is a camera model: the adapter refuses it, or the stand-in's import fails; either way, before a chunk)
     report = json.loads(out.read_text())
-    assert f"self-forcing stopped after 0 chunks: {report['peers']['self-forcing']['error']}" in proc.stdout
-    assert "warning: self-forcing: cannot read the commit" in proc.stdout
-    assert out.with_suffix(".png").is_file() and not list(out.parent.glob(".*partial*"))
-    peer = report["peers"]["self-forcing"]
+    peer = report["peers"]["lingbot-fast"]
+    assert "stand-in upstream broke at import" in peer["error"]
     assert peer["returncode"] == 1 and peer["chunks"] == [] and peer["output_tail"]
-    ours = report["ours"]
+    assert "lingbot-fast (stopped)" in proc.stdout
+    assert f"lingbot-fast stopped after 0 chunks: {peer['error']}" in proc.stdout
+    assert "warning: lingbot-fast: cannot read the commit" in proc.stdout
+    assert out.with_suffix(".png").is_file() and not list(out.parent.glob(".*partial*"))
+    assert list(report["ours"]) == ["xla"]
+    ours = report["ours"]["xla"]
     assert [c["autoregressive_index"] for c in ours["chunks"]] == [0, 1, 2]
     s = ours["summary"]
     assert s["chunks_in_median"] == 2 and s["chunk6_denoise_ms"] is None
@@ -110,34 +124,47 @@ def _synthetic_report() -> dict:
     peer_summary = dict(summary, denoise_ms=150.0, chunk6_denoise_ms=160.0, commit_ms=45.0,
                         denoise_plus_commit_ms=195.0)
     report = {"slug": "self-forcing-wan2.1-t2v-1.3b", "device_kind": "NVIDIA H200", "date": "2026-11-30T12:00:00",
-              "options": {"height": 480, "width": 832, "dtype": "bfloat16", "warmup_chunks": 2},
+              "options": {"pixel_height": 480, "pixel_width": 832, "dtype": "bfloat16", "warmup_chunks": 2},
               "matmul_ceiling": {"tflops": 650.0},
-              "ours": {"summary": summary, "chunks": ours_chunks, "num_devices": 1, "peak_memory_gib": 16.0,
-                       "compile_s": {"denoise": 5.0, "commit": 2.0},
-                       "forward": {"tokens": 32760, "median_ms": 500.0}},
+              "ours": {"pallas": {"summary": summary, "chunks": ours_chunks, "num_devices": 1, "peak_memory_gib": 16.0,
+                                  "compile_s": {"denoise": 5.0, "commit": 2.0},
+                                  "forward": {"tokens": 32760, "median_ms": 500.0}},
+                       "cudnn": {"summary": dict(summary, denoise_ms=120.0), "chunks": ours_chunks, "num_devices": 1,
+                                 "peak_memory_gib": 16.0, "compile_s": {"denoise": 5.0, "commit": 2.0},
+                                 "forward": None}},
               "peers": {"self-forcing": {"kind": "rollout", "summary": peer_summary, "chunks": chunks(1.5),
                                          "error": None, "peak_memory_gib": 9.0},
                         "diffusers-wan": {"kind": "forward", "error": None, "job": {"compile": True},
                                           "forward_summary": {"eager": {"median_ms": 700.0},
                                                               "compiled": {"median_ms": 600.0}}}},
-              "published": {"hardware": "H100, 1 GPU", "denoise_ms": 344.0, "commit_ms": 74.0},
-              "published_forward": {"hardware": "H100, 1 GPU", "forward_ms_per_step": 1040.0}}
-    report["comparison"] = R.comparison_rows(report)
+              "published": {"hardware": "H100, 1 GPU", "denoise_ms": 344.0, "commit_ms": 74.0}}
     return report
 
 
 def test_report_table_markdown_and_plot(tmp_path):
     report = _synthetic_report()
-    rows = {row["figure"]: row for row in report["comparison"]}
+    rows = {row["figure"]: row for row in R.comparison_rows(report)}
     median = rows["denoise ms (all passes), median of chunks >= 2"]
-    assert (median["ours"], median["peers"]["self-forcing"]) == (100.0, 150.0)
+    assert median["ours"] == {"wm_jax (pallas)": 100.0, "wm_jax (cudnn)": 120.0}
+    assert median["peers"]["self-forcing"] == 150.0 and median["comparable"]["self-forcing"]
     assert rows["denoise ms, 6th chunk"]["published"] == 344.0
     compiled = rows["DiT forward ms, 32760 tokens, bidirectional (diffusers-wan compiled)"]
-    assert (compiled["ours"], compiled["peers"]["diffusers-wan"], compiled["published"]) == (500.0, 600.0, None)
+    assert compiled["ours"] == {"wm_jax (pallas)": 500.0, "wm_jax (cudnn)": None}
+    assert compiled["peers"]["diffusers-wan"] == 600.0 and compiled["published"] is None
     text = R.format_report(report)
-    assert "1.50x" in text and "1.20x" in text and "FlashDreams H100, 1 GPU (published)" in text
+    assert "self-forcing / (pallas)" in text and "1.50x" in text and "1.25x" in text and "1.20x" in text
+    assert "FlashDreams H100, 1 GPU (published)" in text
     md = R.markdown(report)
-    assert md.splitlines()[0].startswith("| figure | wm_jax | self-forcing (same call) | ratio |")
-    assert "| denoise ms (all passes), median of chunks >= 2 | 100.0 | 150.0 | 1.50x |" in md
+    assert md.splitlines()[0].startswith("| figure | wm_jax (pallas) | wm_jax (cudnn) | self-forcing (same call) | "
+                                         "ratio to wm_jax (pallas) | ratio to wm_jax (cudnn) |")
+    assert "| denoise ms (all passes), median of chunks >= 2 | 100.0 | 120.0 | 150.0 | 1.50x | 1.25x |" in md
     R.plot(report, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_a_stopped_peer_gets_no_ratio():
+    report = _synthetic_report()
+    peer = report["peers"]["self-forcing"]
+    peer["error"], peer["summary"] = "timed out after 300 s", dict(peer["summary"], chunks_in_median=2)
+    md = R.markdown(report)
+    assert "| denoise ms (all passes), median of chunks >= 2 | 100.0 | 120.0 | 150.0 | - | - |" in md

@@ -221,8 +221,9 @@ def _define_bench_flags():
                       "end counts the recipe's own.")
     flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Weights and compute dtype.")
     flags.DEFINE_integer("num_devices", 1, "Devices of the Ulysses mesh (tokens and heads split over them).")
-    flags.DEFINE_enum("attention", "auto", list(ATTENTION_IMPLEMENTATIONS),
-                      "Attention backend (auto: the fastest measured on this GPU kind).")
+    flags.DEFINE_list("attention", None, "Our attention backends, each timed in its own rollout: "
+                      + ", ".join(ATTENTION_IMPLEMENTATIONS) + " (default: auto, the fastest measured on this GPU "
+                      "kind, plus cudnn, the peers' attention, when a --peer runs).")
     flags.DEFINE_multi_string("peer", [], "Run this peer's own loop in the same call (repeatable): "
                               + ", ".join(PEERS) + ".")
     flags.DEFINE_multi_string("upstream_dir", [], "The peer's checkout: DIR with one --peer; NAME=DIR per peer with "
@@ -237,53 +238,17 @@ def _define_bench_flags():
     flags.DEFINE_string("json", None, "Write the JSON here instead (the plot goes beside it).")
 
 
-def _bench_peers() -> tuple[tuple[str, str | None], ...]:
-    """(peer, checkout) pairs from --peer / --upstream_dir."""
-    from wm_jax.bench.peers import PEERS
-
-    names = [n for item in FLAGS.peer for n in item.split(",") if n]
-    for name in names:
-        if name not in PEERS:
-            sys.stderr.write(f"wm-jax: error: --peer {name}: expected one of {', '.join(PEERS)}\n")
-            sys.exit(1)
-    if len(set(names)) != len(names):
-        raise UsageError(f"--peer {','.join(names)}: each peer once")
-    dirs = FLAGS.upstream_dir
-    if len(names) == 1 and len(dirs) == 1 and "=" not in dirs[0]:
-        return ((names[0], dirs[0]),)
-    by_name = {}
-    for item in dirs:
-        name, sep, folder = item.partition("=")
-        if not sep or name not in names:
-            raise UsageError(f"--upstream_dir {item}: expected NAME=DIR with NAME one of the --peer values "
-                             f"({', '.join(names) or 'none given'})")
-        by_name[name] = folder or None
-    return tuple((name, by_name.get(name)) for name in names)
-
-
 def _bench_main(argv):
     if len(argv) != 2:
         raise UsageError("expected one recipe: wm-jax bench <slug> [flags] (wm-jax run --help lists the recipes)")
     slug = argv[1]
     _check_slug(slug)
-    for name in ("total_blocks", "rollouts", "num_devices", "peer_timeout"):
-        if getattr(FLAGS, name) < 1:
-            _bad_value(name, "a positive integer")
-    if FLAGS.warmup_rollouts < 0:
-        _bad_value("warmup_rollouts", "0 or more")
-    if not 0 <= FLAGS.warmup_chunks < FLAGS.total_blocks:
-        _bad_value("warmup_chunks", f"0 .. --total_blocks - 1 ({FLAGS.total_blocks - 1})")
-    if FLAGS.upstream_dir and not FLAGS.peer:
-        raise UsageError("--upstream_dir is given without --peer")
-    bad = set(FLAGS.decoders) - {"taehv", "wan_vae"}
-    if bad:
-        _bad_value("decoders", "a comma list of taehv, wan_vae")
-    peers = _bench_peers()
-    from wm_jax.bench.peers import check_checkout
+    from wm_jax.bench.peers import check_checkout, pair_peers
 
+    peers = pair_peers([n for item in FLAGS.peer for n in item.split(",") if n], FLAGS.upstream_dir)
     for name, folder in peers:  # before anything heavy; warnings print again when the run starts
         check_checkout(name, folder)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # grow on demand: a 14B model + cache
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # grow on demand: peers share the GPU
     import jax
 
     from wm_jax.bench import report as R
@@ -294,11 +259,12 @@ def _bench_main(argv):
     json_path = FLAGS.json or str(S.results_path(FLAGS.output_dir, slug, jax.devices()[0].device_kind,
                                                  FLAGS.num_devices))
     options = S.BenchOptions(
-        slug=slug, height=FLAGS.pixel_height, width=FLAGS.pixel_width, total_blocks=FLAGS.total_blocks,
-        rollouts=FLAGS.rollouts, warmup_rollouts=FLAGS.warmup_rollouts, warmup_chunks=FLAGS.warmup_chunks, decoders=tuple(FLAGS.decoders),
-        attention=FLAGS.attention, dtype=FLAGS.dtype, num_devices=FLAGS.num_devices, peers=peers,
-        peer_timeout_s=float(FLAGS.peer_timeout), peer_compile=FLAGS.peer_compile,
-        forward_frames=FLAGS.forward_frames, json=json_path, plot=str(Path(json_path).with_suffix(".png")))
+        slug=slug, pixel_height=FLAGS.pixel_height, pixel_width=FLAGS.pixel_width, total_blocks=FLAGS.total_blocks,
+        rollouts=FLAGS.rollouts, warmup_rollouts=FLAGS.warmup_rollouts, warmup_chunks=FLAGS.warmup_chunks,
+        decoders=tuple(FLAGS.decoders), attention=tuple(FLAGS.attention) if FLAGS.attention else None,
+        dtype=FLAGS.dtype, num_devices=FLAGS.num_devices, peers=peers, peer_timeout=float(FLAGS.peer_timeout),
+        peer_compile=FLAGS.peer_compile, forward_frames=FLAGS.forward_frames, json=json_path,
+        plot=str(Path(json_path).with_suffix(".png")))
     report = S.run_bench(options, log=_stage)
     print(R.format_report(report))
     return 0

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -50,9 +52,11 @@ from flax import nnx
 
 from wm_jax.bench.common import (block, device_memory, fill_random_params, gpu_kernel_events, kernel_category,
                                  kernel_time_by_category, run_metadata, tree_bytes, write_json)
-from wm_jax.bench.peers import PEERS, Checkout, check_checkout, run_peer
+from wm_jax.bench.peers import PEERS, Checkout, check_checkout, check_fits, run_peer
 from wm_jax.bench.peers.job import PeerJob
+from wm_jax.errors import OptionError
 from wm_jax.io.video import frames_to_uint8
+from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS
 from wm_jax.models.config import WanConfig, preset
 from wm_jax.models.wan import WanModel
 from wm_jax.parallel.mesh import SEQUENCE_AXIS, local_replica, make_mesh, put_replicated
@@ -60,38 +64,39 @@ from wm_jax.parallel.sharding import ShardingRules, flat_param_shardings
 from wm_jax.streaming.decoders import on_mesh
 from wm_jax.streaming.plan import RolloutPlan
 from wm_jax.streaming.recipes import Recipe, load_recipe
+from wm_jax.streaming.run import attention_backend
 from wm_jax.streaming.step import ChunkInputs, StreamingStep, chunk_noise
 
 PUBLISHED = {  # FlashDreams' model pages (SPEC section 9): DiT ms, 4 denoise passes, 6th chunk; other hardware
-    "self-forcing-wan2.1-t2v-1.3b": {"hardware": "H100, 1 GPU", "denoise_ms": 344.0, "commit_ms": 74.0,
-                                     "official_denoise_ms": 432.0},
-    "lingbot-world-fast": {"hardware": "H100, 4 GPUs Ulysses", "denoise_ms": 629.0, "official_denoise_ms": 1950.0},
+    "self-forcing-wan2.1-t2v-1.3b": {"hardware": "H100, 1 GPU", "denoise_ms": 344.0, "commit_ms": 74.0},
+    "lingbot-world-fast": {"hardware": "H100, 4 GPUs Ulysses", "denoise_ms": 629.0},
 }
-PUBLISHED_FORWARD = {"wan2.1-t2v-1.3b": {"hardware": "H100, 1 GPU", "forward_ms_per_step": 1040.0,
-                                         "official_ms_per_step": 1140.0}}
 VALUE_RANGES = {"taehv": (0.0, 1.0), "wan_vae": (-1.0, 1.0)}  # wm_jax.streaming.decoders.Decoder.value_range
 SMALL_MODEL = dict(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchOptions:
-    """What `wm-jax bench` and benchmarks/step_latency.py measure (None: the recipe's value, or --small's).
+    """What `wm-jax bench` and benchmarks/step_latency.py measure (None: the recipe's value, or small's); the
+    field names are the flags of both front ends.
 
     warmup_rollouts: untimed whole rollouts every runtime runs first, ours and each peer's (first-use costs:
     cuDNN plans per key length in eager torch, buffer allocation). peers: (name, checkout folder or None)
-    pairs, run before ours. forward_frames: latent frames of the
+    pairs, run before ours (`rollouts` repeats ours only). attention: our backends, each timed in its own
+    rollout and reported as its own column (default: the GPU's fastest, plus cuDNN, the peers' attention,
+    when a peer runs). forward_frames: latent frames of the
     bidirectional forward compared with forward peers (default: the whole rollout, total_blocks · chunk).
     """
 
     slug: str = "self-forcing-wan2.1-t2v-1.3b"
-    height: int | None = None
-    width: int | None = None
+    pixel_height: int | None = None
+    pixel_width: int | None = None
     total_blocks: int | None = None
     rollouts: int = 1
     warmup_chunks: int = 2
     decoders: tuple[str, ...] | None = None
     encode: bool = False
-    attention: str = "auto"
+    attention: tuple[str, ...] | None = None
     dtype: str | None = None
     text_tokens: int = 32
     vae_dim: int | None = None
@@ -101,7 +106,7 @@ class BenchOptions:
     profile_chunk: int | None = None
     small: bool = False
     peers: tuple[tuple[str, str | None], ...] = ()
-    peer_timeout_s: float = 1200.0
+    peer_timeout: float = 1200.0
     forward_frames: int | None = None
     forward_iters: int = 5
     peer_compile: bool = True
@@ -111,18 +116,33 @@ class BenchOptions:
 
 
 def resolve(opts: BenchOptions) -> tuple[BenchOptions, Recipe]:
-    """Fills the options left None from the recipe (full size, bf16, 7 blocks, both decoders) or `small`."""
+    """Checks the options (an `OptionError` names the first bad one) and fills those left None from the recipe
+    (full size, bf16, 7 blocks, both decoders) or `small`; cheap, before anything is built."""
     recipe = load_recipe(opts.slug)
     small = opts.small
-    defaults = dict(height=64 if small else recipe.pixel_height, width=96 if small else recipe.pixel_width,
-                    total_blocks=4 if small else 7, dtype="float32" if small else "bfloat16",
-                    vae_dim=8 if small else recipe.vae_config.get("dim", 96), decoders=("taehv", "wan_vae"))
+    defaults = dict(pixel_height=64 if small else recipe.pixel_height,
+                    pixel_width=96 if small else recipe.pixel_width, total_blocks=4 if small else 7,
+                    dtype="float32" if small else "bfloat16", vae_dim=8 if small else recipe.vae_config.get("dim", 96),
+                    decoders=("taehv", "wan_vae"), attention=("auto", "cudnn") if opts.peers else ("auto",))
     opts = dataclasses.replace(opts, **{k: v for k, v in defaults.items() if getattr(opts, k) is None})
-    bad = set(opts.decoders) - set(VALUE_RANGES)
-    if bad:
-        raise ValueError(f"decoders {sorted(bad)}: expected a subset of {sorted(VALUE_RANGES)}")
     if opts.forward_frames is None:
         opts = dataclasses.replace(opts, forward_frames=opts.total_blocks * recipe.chunk_frames)
+    for name in ("total_blocks", "rollouts", "num_devices", "forward_frames", "forward_iters"):
+        if getattr(opts, name) < 1:
+            raise OptionError(name, f"{{{name}}} {getattr(opts, name)}: expected a positive integer")
+    if opts.warmup_rollouts < 0:
+        raise OptionError("warmup_rollouts", f"{{warmup_rollouts}} {opts.warmup_rollouts}: expected 0 or more")
+    if not 0 <= opts.warmup_chunks < opts.total_blocks:
+        raise OptionError("warmup_chunks", f"{{warmup_chunks}} {opts.warmup_chunks}: expected 0 .. {{total_blocks}} "
+                                           f"- 1 ({opts.total_blocks - 1})")
+    if opts.peer_timeout <= 0:
+        raise OptionError("peer_timeout", f"{{peer_timeout}} {opts.peer_timeout}: expected seconds > 0")
+    if bad := sorted(set(opts.decoders) - set(VALUE_RANGES)):
+        raise OptionError("decoders", f"{{decoders}} {','.join(opts.decoders)}: {', '.join(bad)} unknown; expected "
+                                      f"a comma list of {', '.join(VALUE_RANGES)}")
+    if bad := sorted(set(opts.attention) - set(ATTENTION_IMPLEMENTATIONS)):
+        raise OptionError("attention", f"{{attention}} {','.join(opts.attention)}: expected a comma list of "
+                                       f"{', '.join(ATTENTION_IMPLEMENTATIONS)}")
     return opts, recipe
 
 
@@ -219,9 +239,13 @@ def make_wan_vae(vae_dim: int, dtype, seed: int, mesh, config: dict | None = Non
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_peers(opts: BenchOptions) -> dict[str, Checkout]:
-    """Every requested peer's checkout, checked before anything heavy (raises PeerSetupError)."""
-    return {name: check_checkout(name, upstream_dir) for name, upstream_dir in opts.peers}
+def check_peers(opts: BenchOptions, cfg: WanConfig) -> dict[str, Checkout]:
+    """Every requested peer's checkout, and that the peer runs this model; before anything heavy (raises
+    PeerSetupError)."""
+    checkouts = {name: check_checkout(name, upstream_dir) for name, upstream_dir in opts.peers}
+    for name in checkouts:
+        check_fits(name, cfg, opts.slug)
+    return checkouts
 
 
 def peer_job(name: str, checkout: Checkout, opts: BenchOptions, recipe: Recipe, cfg: WanConfig,
@@ -229,7 +253,7 @@ def peer_job(name: str, checkout: Checkout, opts: BenchOptions, recipe: Recipe, 
     """Our shapes for a peer: the rollout plan's geometry and cache window, the recipe's pass count."""
     schedule = recipe.step_schedule()
     layout = plan.cache
-    global_cache = layout.sink_frames + layout.ring_frames >= plan.latent_frames
+    global_cache = layout.sink_frames + layout.ring_frames + plan.chunk_frames >= plan.latent_frames
     return PeerJob(
         peer=name, upstream_dir=checkout.path, model=cfg.to_dict(), pixel_height=plan.pixel_height,
         pixel_width=plan.pixel_width, latent_height=plan.latent_height, latent_width=plan.latent_width,
@@ -260,7 +284,7 @@ def run_peers(opts: BenchOptions, checkouts: dict[str, Checkout], recipe, cfg, p
         job = peer_job(name, checkout, opts, recipe, cfg, plan)
         log(f"peer {name}: {PEERS[name].loop} from {checkout.path or 'the installed package'}")
         start = time.perf_counter()
-        result = run_peer(job, timeout_s=opts.peer_timeout_s, log=log)
+        result = run_peer(job, timeout_s=opts.peer_timeout, log=log)
         result["wall_s"] = time.perf_counter() - start
         result.update(kind=PEERS[name].kind, repo=PEERS[name].repo, loop=PEERS[name].loop,
                       upstream_dir=checkout.path, commit=checkout.commit, expected_commit=PEERS[name].commit,
@@ -319,19 +343,21 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
     """Runs the peers, then ours; returns the report (also written to `opts.json`, plotted to `opts.plot`)."""
     from wm_jax.bench import report as R
 
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX's first device use: peers share it
     opts, recipe = resolve(opts)
-    checkouts = check_peers(opts)
+    cfg = model_config(recipe, opts)
+    checkouts = check_peers(opts, cfg)
     for checkout in checkouts.values():
         for warning in checkout.warnings:
             log(f"warning: {warning}")
     meta = run_metadata()
     dtype = jnp.dtype(opts.dtype)
-    cfg = model_config(recipe, opts)
     mesh = make_mesh(opts.num_devices)
     rules = ShardingRules(context_heads=SEQUENCE_AXIS if opts.context_heads == "sharded" else None)
-    plan = RolloutPlan.for_recipe(recipe.replace(pixel_height=opts.height, pixel_width=opts.width,
+    plan = RolloutPlan.for_recipe(recipe.replace(pixel_height=opts.pixel_height, pixel_width=opts.pixel_width,
                                                  total_blocks=opts.total_blocks), cfg, mesh, rules)
-    log(f"{opts.slug}: {cfg.num_layers} layers, dim {cfg.dim}, {opts.height}x{opts.width} ({plan.chunk_tokens} "
+    backends = list(dict.fromkeys(attention_backend(cfg, a, plan, dtype) for a in opts.attention))
+    log(f"{opts.slug}: {cfg.num_layers} layers, dim {cfg.dim}, {opts.pixel_height}x{opts.pixel_width} ({plan.chunk_tokens} "
         f"tokens/chunk, {plan.chunk_tokens_per_device} per device), cache sink {plan.cache.sink_frames} + ring "
         f"{plan.cache.ring_frames} frames, {recipe.step_schedule().num_steps} passes, {opts.dtype}, "
         f"{plan.num_devices} x {meta['device_kind']}")
@@ -339,25 +365,21 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
     ceiling = matmul_ceiling(dtype)
     log(f"matmul ceiling ({ceiling['size']}^3 {ceiling['dtype']} GEMM, this call): {ceiling['tflops']:.3g} TFLOP/s")
     peers = run_peers(opts, checkouts, recipe, cfg, plan, log)
-    ours = our_rollout(opts, recipe, cfg, plan, ceiling, meta, log,
-                       forward=any(PEERS[name].kind == "forward" for name in checkouts))
+    ours = {}
+    for i, backend in enumerate(backends):  # one rollout each; the previous model is freed first
+        log(f"ours, attention {backend}")
+        ours[backend] = our_rollout(dataclasses.replace(opts, attention=(backend,)), recipe, cfg, plan, ceiling, log,
+                                    forward=i == 0 and any(PEERS[name].kind == "forward" for name in checkouts))
+        gc.collect()
     report = {**meta, "benchmark": "bench", "slug": opts.slug, "options": dataclasses.asdict(opts),
               "matmul_ceiling": ceiling, "ours": ours, "peers": peers,
-              "published": None if opts.small else PUBLISHED.get(opts.slug),
-              "published_forward": None if opts.small else PUBLISHED_FORWARD.get(cfg_name(recipe)),
-              "plan": plan.describe()}
-    report["comparison"] = R.comparison_rows(report)
+              "published": None if opts.small else PUBLISHED.get(opts.slug), "plan": plan.describe()}
     if opts.json:
         write_json(opts.json, report)
     if opts.plot:
         R.plot(report, opts.plot)
         log(f"wrote {opts.plot}")
     return report
-
-
-def cfg_name(recipe: Recipe) -> str | None:
-    """The bidirectional base model a causal recipe distils (the published forward figures' key)."""
-    return "wan2.1-t2v-1.3b" if recipe.model in ("self-forcing-1.3b", "wan2.1-t2v-1.3b") else None
 
 
 def default_output_name(slug: str, device_kind: str, num_devices: int, day: date | None = None) -> str:
@@ -367,8 +389,9 @@ def default_output_name(slug: str, device_kind: str, num_devices: int, day: date
     return f"bench_{slug}_{kind}{suffix}_{(day or date.today()).isoformat()}"
 
 
-def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: RolloutPlan, ceiling: dict, meta: dict,
-                log, forward: bool) -> dict[str, Any]:
+def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: RolloutPlan, ceiling: dict, log,
+                forward: bool) -> dict[str, Any]:
+    """Ours with the one attention backend `opts.attention[0]`: build, compile, warm-up and timed rollouts."""
     dtype = jnp.dtype(opts.dtype)
     mesh = plan.mesh
     lat_h, lat_w, chunk, tpf = plan.latent_height, plan.latent_width, plan.chunk_frames, plan.tokens_per_frame
@@ -379,10 +402,12 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
     profile_chunk = opts.profile_chunk
     if profile_chunk is None and jax.default_backend() == "gpu":
         profile_chunk = min(5, plan.total_blocks - 1)
+    profile_run = max(opts.warmup_rollouts - 1, 0)  # the last warm-up rollout: never right before a timed chunk
 
     # ---- build: weights on the devices in their sharding, one parameter at a time -----------------
     start = time.perf_counter()
-    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype, attention_impl=opts.attention))
+    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype,
+                                            attention_impl=opts.attention[0]))
     n_params = fill_random_params(model, seed=opts.seed,
                                   shardings=flat_param_shardings(nnx.state(model), plan.rules, mesh))
     step = StreamingStep(model, schedule, plan)
@@ -395,8 +420,9 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
     start = time.perf_counter()
     cross = block(step.cross_kv(text))
     cross_kv_s = time.perf_counter() - start
-    cache = step.init_cache()
-    cache_bytes = tree_bytes(cache)
+    cache_spec = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                              jax.eval_shape(step.init_cache), step.cache_sharding)  # a real one per rollout only
+    cache_bytes = tree_bytes(cache_spec)
 
     noise_fn = jax.jit(lambda key, i: chunk_noise(key, i, k, plan.chunk_shape, jnp.float32),
                        out_shardings=step.replicated)
@@ -423,17 +449,18 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
     # ---- compile ahead of time, like the engine -------------------------------------------------
     noise0 = block(noise_fn(key, 0))
     start = time.perf_counter()
-    denoise = step.denoise.lower(step.params, cache, cross, noise0, cond_sets[0]).compile()
+    denoise = step.denoise.lower(step.params, cache_spec, cross, noise0, cond_sets[0]).compile()
     denoise_compile_s = time.perf_counter() - start
     start = time.perf_counter()
     x0_spec = jax.ShapeDtypeStruct(noise0.shape[1:], jnp.float32, sharding=step.replicated)
-    commit = step.commit.lower(step.params, cache, cross, x0_spec, cond_sets[0]).compile()
+    commit = step.commit.lower(step.params, cache_spec, cross, x0_spec, cond_sets[0]).compile()
     commit_compile_s = time.perf_counter() - start
     log(f"built {n_params / 1e9:.3f} B params in {build_s:.1f} s; compile denoise {denoise_compile_s:.1f} s, "
         f"commit {commit_compile_s:.1f} s")
 
     # ---- rollouts --------------------------------------------------------------------------------
-    image = step.whole(jax.random.uniform(jax.random.fold_in(key, 7), (1, opts.height, opts.width, 3), jnp.float32,
+    image = step.whole(jax.random.uniform(jax.random.fold_in(key, 7), (1, opts.pixel_height, opts.pixel_width, 3),
+                                          jnp.float32,
                                           -1.0, 1.0))
     ceiling_flops = ceiling["tflops"] * 1e12 * plan.num_devices
     chunks, profile = [], None
@@ -443,9 +470,10 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
         r = run_index - opts.warmup_rollouts  # < 0: an untimed warm-up rollout
         if r < 0:
             log(f"warm-up rollout {run_index + 1}/{opts.warmup_rollouts} ({plan.total_blocks} chunks, untimed)")
+        cache = states = None  # the previous rollout's, freed before the new ones are made
         cache = step.init_cache()
         states = {d.name: d.init_state(1, lat_h, lat_w) for d in decoders}
-        enc_cache = (put_replicated(encoder_vae.init_encoder_cache(1, opts.height, opts.width), mesh)
+        enc_cache = (put_replicated(encoder_vae.init_encoder_cache(1, opts.pixel_height, opts.pixel_width), mesh)
                      if (opts.encode and i2v) else None)
         for i in range(plan.total_blocks):
             valid_tokens = int(layout.valid_tokens(i * chunk))  # the cache the chunk attends to
@@ -460,7 +488,7 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
                                                          image=image if i == 0 else None))
                 encode_ms = (time.perf_counter() - t) * 1e3
                 inputs = ChunkInputs(y=y, camera=inputs.camera)
-            if r == 0 and i == profile_chunk:  # an extra, untimed denoise of this chunk under the profiler
+            if run_index == profile_run and i == profile_chunk:  # an extra, untimed denoise under the profiler
                 profile = profile_denoise(lambda: denoise(step.params, cache, cross, noise, inputs), k)
             t0 = time.perf_counter()
             x0 = block(denoise(step.params, cache, cross, noise, inputs))
@@ -530,7 +558,7 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
         forward_result = {"skipped": "the bidirectional forward is compared on one device only"}
     memory = device_memory()
     return {"model_config": cfg.to_dict(), "num_params": n_params, "weight_bytes": weight_bytes,
-            "kv_cache_bytes": cache_bytes, "attention": opts.attention, "decoders": list(opts.decoders),
+            "kv_cache_bytes": cache_bytes, "attention": opts.attention[0], "decoders": list(opts.decoders),
             "num_devices": plan.num_devices, "context_heads": opts.context_heads,
             "cache_layout": {"tokens_per_frame": tpf, "sink_frames": layout.sink_frames,
                              "ring_frames": layout.ring_frames, "buffer_frames": layout.buffer_frames},
@@ -540,7 +568,7 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
             "device_memory_after_weights": mem_after_weights, "device_memory_end": memory,
             "peak_memory_gib": memory.get("peak_bytes_in_use_gib") if memory else None,
             "memory_per_device": [device_memory(d) for d in mesh.devices.flat],
-            "profile_chunk": profile_chunk, "profile": profile, "all_finite": finite, "summary": summary,
+            "profile_chunk": profile_chunk, "profile_rollout": profile_run - opts.warmup_rollouts, "profile": profile, "all_finite": finite, "summary": summary,
             "chunks": chunks, "forward": forward_result}
 
 

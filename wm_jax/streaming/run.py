@@ -365,17 +365,18 @@ def load_parts(recipe: Recipe, plan: RolloutPlan, options: RunOptions, compute_d
     return parts
 
 
-def attention_backend(parts, plan: RolloutPlan, compute_dtype) -> str:
-    """The backend the DiT's chunk-vs-cache attention runs on (its setting resolved for these shapes)."""
+def attention_backend(cfg, implementation: str, plan: RolloutPlan, compute_dtype) -> str:
+    """The backend a DiT of config `cfg` runs its chunk-vs-cache attention on: its setting `implementation`
+    resolved for this plan's per-device shapes."""
     import jax
 
     from wm_jax.kernels.attention import resolve
 
-    cfg, heads = parts.dit.config, plan.shards.heads_per_shard
+    heads = plan.shards.heads_per_shard
     q = jax.ShapeDtypeStruct((plan.batch, plan.attention_tokens_per_device, heads, cfg.head_dim), compute_dtype)
     cache = jax.ShapeDtypeStruct((cfg.num_layers, plan.batch, plan.cache.buffer_tokens, heads, cfg.head_dim),
                                  compute_dtype)
-    return resolve(q, parts.dit.attention_impl, cache_k=cache)
+    return resolve(q, implementation, cache_k=cache)
 
 
 def _stderr(line: str) -> None:
@@ -518,7 +519,7 @@ def _run(options: RunOptions, say: Callable[[str], None], folder: OutputFolder, 
             "num_processes": jax.process_count(),
             "jax": jax.__version__,
             "compute_dtype": jnp.dtype(compute_dtype).name,
-            "attention": attention_backend(parts, plan, compute_dtype),
+            "attention": attention_backend(parts.dit.config, parts.dit.attention_impl, plan, compute_dtype),
             "peak_device_memory_gib": max(peaks) / 2**30 if all(p is not None for p in peaks) else None,
             "config": {**resolved, "components": parts.description, "prompt": prompt,
                        "camera_mode": options.camera_mode if camera is not None else None},
