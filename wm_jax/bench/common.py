@@ -94,6 +94,28 @@ def time_calls(call: Callable[[int], Any], sync: Callable[[Any], None], *, warmu
     return summarize(times)
 
 
+def matmul_ceiling(dtype, size: int | None = None, calls: int = 10, repeats: int = 5) -> dict[str, Any]:
+    """The dense matmul rate this device reaches in `dtype` now: a size³ GEMM (8192 on GPUs, 512 on the CPU),
+    `calls` back to back between two host syncs, the best of `repeats` (TFLOP/s)."""
+    size = size or (8192 if jax.default_backend() == "gpu" else 512)
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (size, size), dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), dtype)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(dtype))
+    block(matmul(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = None
+        for _ in range(calls):
+            out = matmul(a, b)
+        block(out)
+        best = min(best, (time.perf_counter() - start) / calls)
+    del a, b, out
+    return {"size": size, "dtype": jnp.dtype(dtype).name, "ms": best * 1e3,
+            "tflops": 2 * size ** 3 / best / 1e12}
+
+
 def torch_cudnn_sdpa_ms(q_tokens: int, kv_tokens: int, heads: int, head_dim: int, calls: int, iters: int,
                         warmup: int = 2) -> float | None:
     """Median ms of `calls` back-to-back PyTorch `scaled_dot_product_attention` calls (cuDNN backend, bf16,

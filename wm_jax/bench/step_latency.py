@@ -51,7 +51,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wm_jax.bench.common import (block, device_memory, fill_random_params, gpu_kernel_events, kernel_category,
-                                 kernel_time_by_category, run_metadata, tree_bytes, write_json)
+                                 kernel_time_by_category, matmul_ceiling, run_metadata, tree_bytes, write_json)
 from wm_jax.bench.peers import PEERS, Checkout, check_checkout, check_fits, run_peer
 from wm_jax.bench.peers.job import PeerJob
 from wm_jax.errors import OptionError
@@ -168,28 +168,6 @@ def forward_flops(cfg: WanConfig, chunk_tokens: int, valid_cache_tokens: int) ->
     if cfg.camera_channels:
         top += 2 * L * (cfg.camera_channels * 4 * d + 2 * d * d)
     return float(cfg.num_layers * per_layer + top)
-
-
-def matmul_ceiling(dtype, size: int | None = None, calls: int = 10, repeats: int = 5) -> dict[str, Any]:
-    """The dense matmul rate this device reaches in `dtype` now: a size³ GEMM (8192 on GPUs, 512 on the CPU),
-    `calls` back to back between two host syncs, the best of `repeats` (TFLOP/s)."""
-    size = size or (8192 if jax.default_backend() == "gpu" else 512)
-    key = jax.random.key(0)
-    a = jax.random.normal(key, (size, size), dtype)
-    b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), dtype)
-    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(dtype))
-    block(matmul(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = None
-        for _ in range(calls):
-            out = matmul(a, b)
-        block(out)
-        best = min(best, (time.perf_counter() - start) / calls)
-    del a, b, out
-    return {"size": size, "dtype": jnp.dtype(dtype).name, "ms": best * 1e3,
-            "tflops": 2 * size ** 3 / best / 1e12}
 
 
 # ---------------------------------------------------------------------------------------------------
