@@ -168,3 +168,21 @@ def test_a_stopped_peer_gets_no_ratio():
     peer["error"], peer["summary"] = "timed out after 300 s", dict(peer["summary"], chunks_in_median=2)
     md = R.markdown(report)
     assert "| denoise ms (all passes), median of chunks >= 2 | 100.0 | 120.0 | 150.0 | - | - |" in md
+
+
+@pytest.mark.parametrize("body, timeout_s, expected", [
+    ("import time\ntime.sleep(300)\n", 20, "timed out after 20 s"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", 120, "killed by signal 9 (SIGKILL)"),
+])
+def test_run_peer_says_why_a_child_stopped(tmp_path, body, timeout_s, expected):
+    """A peer that hangs is stopped at the timeout (its whole process group), one killed by a signal says
+    which; either way the parent gets a result document back."""
+    pytest.importorskip("torch")
+    from tests.test_peer_lingbot_fast import tiny_job
+    from wm_jax.bench.peers import run_peer
+
+    tree = marker_tree(tmp_path / "lingbot", "lingbot-fast")
+    (tree / PEERS["lingbot-fast"].markers[0]).write_text(body)
+    result = run_peer(tiny_job(str(tree)), timeout_s=timeout_s)
+    assert result["error"] == expected
+    assert result["chunks"] == [] and result["returncode"] != 0
