@@ -224,10 +224,9 @@ def _define_bench_flags():
     flags.DEFINE_list("attention", None, "Our attention backends, each timed in its own rollout: "
                       + ", ".join(ATTENTION_IMPLEMENTATIONS) + " (default: auto, the fastest measured on this GPU "
                       "kind, plus cudnn, the peers' attention, when a --peer runs).")
-    flags.DEFINE_multi_string("peer", [], "Run this peer's own loop in the same call (repeatable): "
-                              + ", ".join(PEERS) + ".")
+    flags.DEFINE_multi_string("peer", [], "Run this peer's own loop in the same call: " + ", ".join(PEERS))
     flags.DEFINE_multi_string("upstream_dir", [], "The peer's checkout: DIR with one --peer; NAME=DIR per peer with "
-                              "several (diffusers-wan: optional, default the installed diffusers).")
+                              "several (diffusers-wan: optional, default the installed diffusers)")
     flags.DEFINE_integer("peer_timeout", 1200, "Seconds a peer may run before it is stopped (its chunks so far "
                          "are kept).")
     flags.DEFINE_bool("peer_compile", True, "diffusers-wan: also time the torch.compile'd forward.")
