@@ -10,6 +10,11 @@ current chunk, i.e. sink 6 + 8 recent + 4 current. In this repo's terms (the win
 chunk, not the sink) that is sink 6 + window 12. The sink is not a whole number of chunks: chunk 1 is
 split between the sink and the ring, the first eviction (chunk 4) drops 2 frames, later chunks 4 each.
 
+Video size: as upstream, from the input image's aspect at 480·832 pixels (`max_area`; an explicit
+--pixel_height / --pixel_width wins), by upstream's float arithmetic: the 16:9 example images give 464x832
+(58x104 latents), example 04 (2:3) 512x768, and even a 480x832 image gives 464x832 (sqrt(480·832·480/832)
+is 479.99999999999994 in float64). 480x832 is the size without an image.
+
 The DiT comes from the `transformers/` shards (with their index json) of
 `robbyant/lingbot-world-v2-14b-causal-fast`, which also ships the Wan2.1 VAE and the umT5 encoder.
 22 chunks = 88 latent frames (349 video frames): `run_fast.sh`'s `--frame_num 361` trimmed to whole chunks.
@@ -32,6 +37,7 @@ def get_config() -> Recipe:
         decoder="wan_vae",
         pixel_height=480,
         pixel_width=832,
+        max_area=480 * 832,
         total_blocks=22,
         sink_frames=6,
         window_frames=12,

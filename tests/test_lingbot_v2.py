@@ -53,3 +53,45 @@ def test_weights_come_from_the_v2_repo_transformers_shards():
     assert dit.path == "transformers" and not dit.allow_pickle
     assert set(dit.allow_patterns) == {"transformers/*.safetensors", "transformers/*.json"}
     assert weights["vae"].path == "Wan2.1_VAE.pth" and weights["text_encoder"].path == "models_t5_umt5-xxl-enc-bf16.pth"
+
+
+def test_video_size_follows_the_image_aspect_by_upstreams_float_arithmetic():
+    import pytest
+
+    from wm_jax.errors import OptionError
+    from wm_jax.streaming.plan import aspect_resolution
+
+    area = load_recipe(SLUG).max_area
+    assert area == 480 * 832
+    # the 16:9 upstream example images, example 04 (3648x5472), a square and a portrait image
+    assert aspect_resolution(720, 1280, area) == (464, 832)
+    assert aspect_resolution(3648, 5472, area) == (512, 768)
+    assert aspect_resolution(1024, 1024, area) == (624, 624)
+    # float64: sqrt(480·832·480/832) = 479.99999999999994, floored to 58 latent rows, as upstream does
+    assert aspect_resolution(480, 832, area) == (464, 832)
+    with pytest.raises(OptionError, match=r"image is 1x4000: .* no whole token on one side; .* set pixel_height and pixel_width") as err:
+        aspect_resolution(1, 4000, area)
+    assert err.value.option == "image"
+
+
+def test_run_sizes_the_plan_from_the_image_unless_a_size_is_given(tmp_path):
+    from PIL import Image
+
+    from wm_jax.streaming.run import RunOptions, resolve_with_scene
+
+    path = tmp_path / "square.png"
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(path)
+    recipe, plan, resolved, (image, _, _, _) = resolve_with_scene(
+        RunOptions(slug=SLUG, image=str(path), random_weights=True, num_devices=1))
+    assert (plan.pixel_height, plan.pixel_width, plan.latent_height, plan.latent_width) == (624, 624, 78, 78)
+    assert (recipe.pixel_height, recipe.pixel_width) == (624, 624) and image.shape == (624, 624, 3)
+    assert resolved["video_size_from"] == "the input image's aspect (300x300) at max_area 399360"
+    assert resolved["plan"]["pixel"] == [624, 624]
+    _, plan, resolved, (image, _, _, _) = resolve_with_scene(
+        RunOptions(slug=SLUG, image=str(path), random_weights=True, num_devices=1, pixel_height=480,
+                   pixel_width=832))
+    assert (plan.pixel_height, plan.pixel_width) == (480, 832) and image.shape == (480, 832, 3)
+    assert "video_size_from" not in resolved
+    # a recipe without max_area keeps its size and resizes the image to it
+    _, plan, _, (image, _, _, _) = resolve_with_scene(RunOptions(slug="tiny", image=str(path), num_devices=1))
+    assert (plan.pixel_height, plan.pixel_width) == (64, 112) and image.shape == (64, 112, 3)

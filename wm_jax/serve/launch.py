@@ -19,7 +19,7 @@ from pathlib import Path
 from wm_jax.models.embeddings import ROPE_POSITION_LIMIT
 from wm_jax.serve.server import WorldServer
 from wm_jax.serve.world import LiveWorld, serving_recipe
-from wm_jax.streaming.run import RunOptions, compute_dtype_of, load_parts, load_scene, resolve
+from wm_jax.streaming.run import RunOptions, compute_dtype_of, load_parts, resolve_with_scene
 
 WARMUP_CHUNKS = 2
 
@@ -35,10 +35,9 @@ def build_world(options: RunOptions, log: Callable[[str], None] = print, state_d
             notes.append(note)
         return recipe.replace(total_blocks=ROPE_POSITION_LIMIT // recipe.chunk_frames)  # endless
 
-    recipe, plan, _ = resolve(options, adapt)
-    for note in notes:
+    recipe, plan, _, (image, _, intrinsics, prompt) = resolve_with_scene(options, adapt)
+    for note in dict.fromkeys(notes):  # adapt runs again when the image sets the video size
         log(note)
-    image, _, intrinsics, prompt = load_scene(options, recipe)
     start = time.perf_counter()
     log(f"loading {recipe.slug} ({plan.pixel_height}x{plan.pixel_width}, {plan.num_devices} device(s))")
     parts = load_parts(recipe, plan, options, compute_dtype_of(options.compute_dtype))

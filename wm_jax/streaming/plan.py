@@ -201,6 +201,26 @@ class RolloutPlan:
                           "buffer_tokens": self.cache.buffer_tokens}}
 
 
+def aspect_resolution(image_height: int, image_width: int, max_area: int) -> tuple[int, int]:
+    """(pixel height, pixel width) of the video for an input image of this size, by upstream's image-to-video
+    arithmetic, float64 rounding included: latent side = sqrt(max_area · aspect) // VAE stride // patch ·
+    patch (aspect = height / width; 1 / aspect for the width), video side = latent side · stride. At
+    480·832 pixels: a 720x1280 (16:9) image gives 464x832, a square one 624x624, and a 480x832 image also
+    464x832 (sqrt(480·832 · 480/832) evaluates to 479.99999999999994). Raises OptionError (naming the
+    image) when a side would hold no token."""
+    import numpy as np
+
+    aspect = image_height / image_width
+    sides = tuple(int(round(np.sqrt(max_area * a) // stride // patch * patch)) * stride
+                  for a, stride, patch in ((aspect, VAE_STRIDE[1], PATCH_SIZE[1]),
+                                           (1 / aspect, VAE_STRIDE[2], PATCH_SIZE[2])))
+    if min(sides) <= 0:
+        raise OptionError("image", f"{{image}} is {image_height}x{image_width}: at {max_area} pixels that aspect "
+                                   f"gives a {sides[0]}x{sides[1]} video, no whole token on one side; use an "
+                                   "image nearer 480x832 or set {pixel_height} and {pixel_width}")
+    return sides
+
+
 def check_resolution(height: int, width: int, multiple: int = SPATIAL_MULTIPLE) -> None:
     """Raises OptionError with the nearest valid sizes unless both are positive multiples of `multiple`
     (VAE stride x patch: the pixels of one token side)."""

@@ -61,6 +61,9 @@ class Recipe:
         every frame of the rollout.
       decoder: "wan_vae" or "taehv".
       pixel_height / pixel_width / total_blocks / fps / seed / prompt: run defaults (flags override).
+      max_area: with an input image and no pixel size given, the video size follows the image's aspect at
+        this many pixels (upstream's rule, `wm_jax.streaming.plan.aspect_resolution`); None = always
+        pixel_height x pixel_width (the image is resized to it).
       world_scale: fixed camera translation scale for streaming (FlashDreams' interactive default).
       weights: component -> HubFiles for real checkpoints; empty for random-weight recipes.
       random_weights: build every component with seeded random weights (no checkpoint at all).
@@ -94,6 +97,7 @@ class Recipe:
     random_weights: bool = False
     shipped_weights: str = ""
     attention: str = "auto"
+    max_area: int | None = None
     decoder_config: dict = field(default_factory=dict)
     vae_config: dict = field(default_factory=dict)
 

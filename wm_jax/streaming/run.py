@@ -307,9 +307,34 @@ def load_scene(options: RunOptions, recipe: Recipe, say: Callable[[str], None] |
         poses, intrinsics = trajectory.load_trajectory(options.poses, options.intrinsics)
     if options.prompt is not None:
         prompt = options.prompt
-    if image is not None and image.shape[:2] != (recipe.pixel_height, recipe.pixel_width):
-        image = _resize(image, recipe.pixel_height, recipe.pixel_width)
     return image, poses, intrinsics, prompt
+
+
+def sizes_from_image(recipe: Recipe, options: RunOptions) -> bool:
+    """Whether the video size follows the input image (the recipe has a `max_area`, no size option given)."""
+    return bool(recipe.max_area) and options.pixel_height is None and options.pixel_width is None
+
+
+def resolve_with_scene(options: RunOptions, adapt: Callable[[Recipe], Recipe] | None = None,
+                       say: Callable[[str], None] | None = None):
+    """`resolve`, then the scene (`load_scene`) with its image resized to the plan's video size. When the size
+    follows the image (`sizes_from_image`) and the image's aspect gives another size than the recipe's, the
+    plan is resolved again at that size (`wm_jax.streaming.plan.aspect_resolution`; nothing is loaded by
+    either). Returns (recipe, plan, resolved settings, (image, poses, intrinsics, prompt))."""
+    from wm_jax.streaming.plan import aspect_resolution
+
+    recipe, plan, resolved = resolve(options, adapt)
+    image, poses, intrinsics, prompt = load_scene(options, recipe, say)
+    if image is not None and sizes_from_image(recipe, options):
+        height, width = aspect_resolution(*image.shape[:2], recipe.max_area)
+        if (height, width) != (plan.pixel_height, plan.pixel_width):
+            sized = lambda r: (adapt(r) if adapt else r).replace(pixel_height=height, pixel_width=width)
+            recipe, plan, resolved = resolve(options, sized)
+        resolved["video_size_from"] = (f"the input image's aspect ({image.shape[0]}x{image.shape[1]}) at "
+                                       f"max_area {recipe.max_area}")
+    if image is not None and image.shape[:2] != (plan.pixel_height, plan.pixel_width):
+        image = _resize(image, plan.pixel_height, plan.pixel_width)
+    return recipe, plan, resolved, (image, poses, intrinsics, prompt)
 
 
 def _upstream_example(index: int, say: Callable[[str], None] | None) -> Path:
@@ -404,9 +429,10 @@ def run(options: RunOptions, say: Callable[[str], None] | None = _stderr) -> dic
     check_options(options)
     recipe = load_recipe(options.slug)
     check_weights(recipe, options)
-    height, width = options.pixel_height or recipe.pixel_height, options.pixel_width or recipe.pixel_width
+    size = (f"{options.pixel_height or recipe.pixel_height}x{options.pixel_width or recipe.pixel_width}"
+            if not sizes_from_image(recipe, options) else f"video size from the image's aspect at {recipe.max_area} px")
     blocks = options.total_blocks or recipe.total_blocks
-    say(f"loading {recipe.slug}: {weights_source(recipe, options)}, {height}x{width}, "
+    say(f"loading {recipe.slug}: {weights_source(recipe, options)}, {size}, "
         f"{blocks} chunk{'s' if blocks != 1 else ''}")
     folder = OutputFolder(options.output_dir)
     try:
@@ -425,10 +451,9 @@ def _run(options: RunOptions, say: Callable[[str], None], folder: OutputFolder, 
     from wm_jax.models import camera as cam
     from wm_jax.streaming.engine import WorldRollout
 
-    recipe, plan, resolved = resolve(options)
+    recipe, plan, resolved, (image, poses, intrinsics, prompt) = resolve_with_scene(options, say=say)
     writer_process = jax.process_index() == 0
     compute_dtype = compute_dtype_of(options.compute_dtype)
-    image, poses, intrinsics, prompt = load_scene(options, recipe, say)
     camera = None
     if recipe.task == "i2v_camera":
         poses = trajectory.poses_for_frames(poses, plan.pixel_frames, options.pose_mode)
