@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("wm_jax", "converters")
 FIRST_PARTY = {"wm_jax", "converters", "configs", "tests", "benchmarks"}
 TOP = ("wm_jax", "wm_jax.cli")  # exact modules: the package root and the CLI
-LAYERS = ("wm_jax.serve", "wm_jax.bench", "wm_jax.train", "wm_jax.parity", "wm_jax.streaming", "converters", "wm_jax.models",
-          "wm_jax.parallel", "wm_jax.kernels", "wm_jax.worlds", "wm_jax.io", "wm_jax.errors")  # packages (or modules) with their submodules
+LAYERS = ("wm_jax.serve", "wm_jax.bench", "wm_jax.train", "wm_jax.parity", "wm_jax.streaming", "converters",
+          "wm_jax.models", "wm_jax.parallel", "wm_jax.kernels", "wm_jax.worlds", "wm_jax.io",
+          "wm_jax.errors")  # packages (or modules) with their submodules
 
 
 def _module_name(path: Path) -> str:

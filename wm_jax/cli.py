@@ -521,14 +521,14 @@ FLAG_GROUPS = {  # every flag a command defines is in one group (tests/test_cli.
                 _LOGGING),
     "parity": (("output", ("out", "tolerance")), _LOGGING),
     "train": (("training", ("workdir", "export", "override")), _LOGGING),
-    "bench": (("rollout", ("total_blocks", "warmup_chunks", "rollouts", "warmup_rollouts", "pixel_height", "pixel_width", "decoders",
-                           "dtype", "forward_frames")),
+    "bench": (("rollout", ("total_blocks", "warmup_chunks", "rollouts", "warmup_rollouts", "pixel_height",
+                           "pixel_width", "decoders", "dtype", "forward_frames")),
               ("devices", ("num_devices", "attention")),
               ("peers", ("peer", "upstream_dir", "peer_timeout", "peer_compile")),
               ("output", ("output_dir", "json")), _LOGGING),
 }
-METAVARS = {"peer": "NAME", "upstream_dir": "DIR", "json": "FILE", "src": "PATH", "dst": "DIR", "workdir": "DIR", "export": "DIR", "image": "PATH", "poses": "PATH",
-            "intrinsics": "PATH", "checkpoint": "DIR", "output_dir": "DIR", "state_dir": "DIR", "cache_dir": "DIR",
+METAVARS = {"peer": "NAME", "upstream_dir": "DIR", "json": "FILE", "src": "PATH", "dst": "DIR", "workdir": "DIR",
+            "export": "DIR", "image": "PATH", "poses": "PATH", "intrinsics": "PATH", "checkpoint": "DIR", "output_dir": "DIR", "state_dir": "DIR", "cache_dir": "DIR",
             "out": "FILE", "prompt": "TEXT", "hub_repo": "OWNER/NAME", "coordinator_address": "HOST:PORT",
             "override": "KEY=VALUE", "allow_patterns": "GLOB,...", "host": "ADDRESS"}
 TASKS = {"t2v": "text -> video", "i2v_camera": "image + camera path -> video",

@@ -51,7 +51,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wm_jax.bench.common import (block, device_memory, fill_random_params, gpu_kernel_events, kernel_category,
-                                 kernel_time_by_category, matmul_ceiling, run_metadata, tree_bytes, write_json)
+                                 kernel_time_by_category, matmul_ceiling, run_metadata, time_calls, tree_bytes,
+                                 write_json)
 from wm_jax.bench.peers import PEERS, Checkout, check_checkout, check_fits, run_peer
 from wm_jax.bench.peers.job import PeerJob
 from wm_jax.errors import OptionError
@@ -302,17 +303,12 @@ def our_forward(step: StreamingStep, plan: RolloutPlan, cfg: WanConfig, opts: Be
     start = time.perf_counter()
     compiled = forward.lower(step.params, x, t, text, y).compile()
     compile_s = time.perf_counter() - start
-    times = []
-    for i in range(2 + opts.forward_iters):
-        start = time.perf_counter()
-        block(compiled(step.params, x, t, text, y))
-        if i >= 2:
-            times.append((time.perf_counter() - start) * 1e3)
+    timing = time_calls(lambda i: compiled(step.params, x, t, text, y), block, warmup=2, iters=opts.forward_iters)
     tokens = frames * plan.tokens_per_frame
     flops = forward_flops(cfg, tokens, 0)
-    median = statistics.median(times)
+    median = timing["median_ms"]
     log(f"our bidirectional forward, {frames} frames ({tokens} tokens): {median:.1f} ms (compile {compile_s:.1f} s)")
-    return {"frames": frames, "tokens": tokens, "ms": times, "median_ms": median, "compile_s": compile_s,
+    return {"frames": frames, "tokens": tokens, "ms": timing["times_ms"], "median_ms": median, "compile_s": compile_s,
             "flops": flops, "tflops_per_s": flops / (median * 1e-3) / 1e12,
             "camera_path": "skipped (no camera input)" if cfg.camera_channels else None}
 
@@ -335,8 +331,8 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
     plan = RolloutPlan.for_recipe(recipe.replace(pixel_height=opts.pixel_height, pixel_width=opts.pixel_width,
                                                  total_blocks=opts.total_blocks), cfg, mesh, rules)
     backends = list(dict.fromkeys(attention_backend(cfg, a, plan, dtype) for a in opts.attention))
-    log(f"{opts.slug}: {cfg.num_layers} layers, dim {cfg.dim}, {opts.pixel_height}x{opts.pixel_width} ({plan.chunk_tokens} "
-        f"tokens/chunk, {plan.chunk_tokens_per_device} per device), cache sink {plan.cache.sink_frames} + ring "
+    log(f"{opts.slug}: {cfg.num_layers} layers, dim {cfg.dim}, {opts.pixel_height}x{opts.pixel_width} "
+        f"({plan.chunk_tokens} tokens/chunk, {plan.chunk_tokens_per_device} per device), cache sink {plan.cache.sink_frames} + ring "
         f"{plan.cache.ring_frames} frames, {recipe.step_schedule().num_steps} passes, {opts.dtype}, "
         f"{plan.num_devices} x {meta['device_kind']}")
 
@@ -358,13 +354,6 @@ def run_bench(opts: BenchOptions, log: Callable[[str], None] = print) -> dict[st
         R.plot(report, opts.plot)
         log(f"wrote {opts.plot}")
     return report
-
-
-def default_output_name(slug: str, device_kind: str, num_devices: int, day: date | None = None) -> str:
-    """bench_<slug>_<gpu kind>[x<n>]_<date>: the results' file stem (named by date, GPU kind and preset)."""
-    kind = device_kind.lower().replace("nvidia", "").strip().replace(" ", "-") or "device"
-    suffix = f"x{num_devices}" if num_devices > 1 else ""
-    return f"bench_{slug}_{kind}{suffix}_{(day or date.today()).isoformat()}"
 
 
 def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: RolloutPlan, ceiling: dict, log,
@@ -546,8 +535,8 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
             "device_memory_after_weights": mem_after_weights, "device_memory_end": memory,
             "peak_memory_gib": memory.get("peak_bytes_in_use_gib") if memory else None,
             "memory_per_device": [device_memory(d) for d in mesh.devices.flat],
-            "profile_chunk": profile_chunk, "profile_rollout": profile_run - opts.warmup_rollouts, "profile": profile, "all_finite": finite, "summary": summary,
-            "chunks": chunks, "forward": forward_result}
+            "profile_chunk": profile_chunk, "profile_rollout": profile_run - opts.warmup_rollouts, "profile": profile,
+            "all_finite": finite, "summary": summary, "chunks": chunks, "forward": forward_result}
 
 
 def profile_denoise(call, passes: int) -> dict:
@@ -566,8 +555,12 @@ def profile_denoise(call, passes: int) -> dict:
     total = sum(per_pass.values())
     return {"ms_per_pass": per_pass, "kernel_ms_per_pass": total,
             "collective_share": per_pass.get("collective", 0.0) / total if total else 0.0,
-            "top_kernels_ms_per_pass": [[name[:120], kernel_category(name), ms] for name, ms in per_kernel.most_common(25)]}
+            "top_kernels_ms_per_pass": [[name[:120], kernel_category(name), ms]
+                                        for name, ms in per_kernel.most_common(25)]}
 
 
 def results_path(folder: str | Path, slug: str, device_kind: str, num_devices: int) -> Path:
-    return Path(folder) / f"{default_output_name(slug, device_kind, num_devices)}.json"
+    """<folder>/bench_<slug>_<gpu kind>[x<n>]_<date>.json: results named by date, GPU kind and preset."""
+    kind = device_kind.lower().replace("nvidia", "").strip().replace(" ", "-") or "device"
+    suffix = f"x{num_devices}" if num_devices > 1 else ""
+    return Path(folder) / f"bench_{slug}_{kind}{suffix}_{date.today().isoformat()}.json"
