@@ -82,7 +82,7 @@ def test_recipes_follow_upstream_configs(slug, chunk, first, rest, task, dit):
     if first is not None:
         np.testing.assert_allclose(schedules.first.t, first, atol=1e-3)
         assert [schedules.for_block(b).num_steps for b in range(3)] == [4, len(rest), len(rest)]
-    np.testing.assert_allclose(schedules.rest.sigma_x0, schedules.rest.t / 1000, rtol=1e-6)  # warped: t = 1000σ
+    np.testing.assert_allclose(schedules.rest.flow_scale, schedules.rest.t / 1000, rtol=1e-6)  # warped: t = 1000σ
     assert recipe.total_blocks * chunk == 21  # upstream's 21 latent frames (81 video frames)
     assert recipe.weights["dit"].repo == CF_REPO and recipe.weights["dit"].path == dit
     assert recipe.weights["dit"].allow_patterns == (dit,) and recipe.weights["dit"].allow_pickle
@@ -92,10 +92,12 @@ def test_recipes_follow_upstream_configs(slug, chunk, first, rest, task, dit):
     assert plan.prefix_frames == (1 if task == "i2v_first_latent" else 0)
 
 
-def test_image_latent_needs_frame_wise_chunks_and_a_generated_block():
+def test_image_latent_needs_a_one_frame_first_chunk_and_a_generated_block():
     recipe = load_recipe(I2V).replace(**TINY_SHAPE)
-    with pytest.raises(ValueError, match=f"recipe {I2V}: .* needs frame-wise chunks .*chunk_frames 1, not 3"):
+    with pytest.raises(ValueError, match=f"recipe {I2V}: .* needs a 1-frame first chunk .*first_chunk_frames 1, "
+                                         "not 3"):
         plan_of(recipe.replace(chunk_frames=3))
+    assert plan_of(recipe.replace(chunk_frames=3, first_chunk_frames=1)).prefix_chunks == 1  # causal Wan2.2's
     with pytest.raises(OptionError, match=r"total_blocks 1: expected at least 2 chunks \(chunk 0 holds the "
                                           r"given latents\)"):
         plan_of(recipe.replace(total_blocks=1))
@@ -168,7 +170,7 @@ def test_first_block_list_compiles_one_program_per_pass_count_and_matches_the_re
         latents.append(rollout.last_latents)
         programs.append(sorted(rollout._denoise.programs))
     assert compiles == [], f"recompiled while streaming: {len(compiles)} compilations"
-    assert programs == [[1, 4]] * 4  # block 0: 4 passes, then 1: one AOT program each, both from chunk 0 on
+    assert programs == [[(1, 1), (4, 1)]] * 4  # (passes, frames): block 0 runs 4, then 1; both AOT from chunk 0
 
     schedules = recipe.block_schedules()
     noise = [chunk_noise(jax.random.key(3), c, schedules.for_block(c).num_steps, plan.chunk_shape)
@@ -176,7 +178,7 @@ def test_first_block_list_compiles_one_program_per_pass_count_and_matches_the_re
     replay = replay_blocks(dit, schedules, text, noise, chunk_frames=1, sink_frames=0, ring_frames=20, num_devices=1)
     for c, (ours, ref) in enumerate(zip(latents, replay)):
         assert _relative_l2(ours, ref[0]) <= 1e-6, f"block {c}"
-    with pytest.raises(ValueError, match="recorded noise has 4 draws; block 2 runs 1 passes"):
+    with pytest.raises(ValueError, match="block 2 runs 1 passes on a chunk"):
         rollout.state.chunk_index = 2
         rollout.next_chunk(noise=np.zeros((4, *plan.chunk_shape), np.float32))
 
@@ -201,7 +203,7 @@ def test_i2v_commits_the_image_latent_as_frame_0_and_generates_from_frame_1(t2v_
         frames, _ = rollout.next_chunk()
         assert frames.shape == (4, 32, 32, 3)
         latents.append(rollout.last_latents)
-    assert sorted(rollout._denoise.programs) == [4] and int(rollout.state.cache.committed_frames) == 3
+    assert sorted(rollout._denoise.programs) == [(4, 1)] and int(rollout.state.cache.committed_frames) == 3
 
     # the same numbers as the replay the golden case checks: the image committed first, block b = chunk b + 1
     noise = [chunk_noise(jax.random.key(3), c, 4, plan.chunk_shape) for c in range(1, recipe.total_blocks)]
@@ -422,8 +424,8 @@ def run_from_hub(recipe, stand_in_hub, tmp_path, monkeypatch, *, stream: bool, *
     compiled = []
     real_compile = WorldRollout._compile
 
-    def compile_and_record(self, noise, inputs):
-        real_compile(self, noise, inputs)
+    def compile_and_record(self, inputs):
+        real_compile(self, inputs)
         compiled.append(sorted(self._denoise.programs))
 
     monkeypatch.setattr(WorldRollout, "_compile", compile_and_record)
@@ -436,7 +438,7 @@ def run_from_hub(recipe, stand_in_hub, tmp_path, monkeypatch, *, stream: bool, *
 # programs) stream; frame-wise 4-step and ++ 1-step run the same code with other recipe data (the 1-pass
 # program streams in the engine test above), so here they are downloaded, converted and loaded.
 @pytest.mark.parametrize("slug, stream, denoise_programs", [
-    (CHUNKWISE, True, [4]), (TWO_STEP, True, [2, 4]), (FRAMEWISE, False, None), (ONE_STEP, False, None)])
+    (CHUNKWISE, True, [(4, 3)]), (TWO_STEP, True, [(2, 1), (4, 1)]), (FRAMEWISE, False, None), (ONE_STEP, False, None)])
 def test_causal_forcing_recipe_from_the_hub(slug, stream, denoise_programs, stand_in_hub, tmp_path, monkeypatch):
     recipe = tiny(slug)
     hub, result = run_from_hub(recipe, stand_in_hub, tmp_path, monkeypatch, stream=stream)
@@ -461,7 +463,7 @@ def test_causal_forcing_i2v_recipe_from_the_hub(stand_in_hub, tmp_path, monkeypa
     hub, (report, compiled) = run_from_hub(recipe, stand_in_hub, tmp_path, monkeypatch, stream=True,
                                            example_data=True, example_idx=SHIPPED_EXAMPLE, prompt=PROMPT)
     assert hub.calls == [(CF_REPO, ("framewise/causal_forcing.pt",))]
-    assert compiled == [[4]]
+    assert compiled == [[(4, 1)]]
     assert report["num_frames"] == 9 == video_frames(tmp_path / "out" / f"{I2V}.mp4")  # the image, 2 generated
 
 

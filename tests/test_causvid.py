@@ -108,8 +108,8 @@ def test_recipes_follow_upstream_configs(slug, t, dit):
     np.testing.assert_allclose(schedule.t, t, atol=1e-3)
     np.testing.assert_allclose(schedule.t, step_list(recipe.steps, 8.0, recipe.warp), rtol=1e-6)
     sigmas = [sigma_of(v, 8.0) for v in schedule.t]
-    np.testing.assert_allclose(schedule.sigma_x0, sigmas, rtol=1e-6)
-    np.testing.assert_allclose(schedule.sigma_next, sigmas[1:] + [0.0], rtol=1e-6)
+    np.testing.assert_allclose(schedule.flow_scale, sigmas, rtol=1e-6)
+    np.testing.assert_allclose(schedule.noise_scale, sigmas[1:] + [0.0], rtol=1e-6)
     assert recipe.weights["dit"].repo == REPO and recipe.weights["dit"].path == dit
     assert plan_of(recipe).cache.capacity_frames + 3 == 21 == recipe.total_blocks * 3  # every latent frame kept
 
@@ -145,7 +145,7 @@ def test_causvid_recipe_from_the_hub(slug, stream, stand_in_hub, tmp_path, monke
     assert "frames_per_block" not in manifest  # CausVid's file names do not tell; any recipe may load it
     if stream:
         report, compiled = result
-        assert compiled == [[3]]
+        assert compiled == [[(3, 3)]]
         assert report["num_frames"] == 21 == video_frames(tmp_path / "out" / f"{slug}.mp4")
     else:
         assert result.dit.config.num_layers == CFG.num_layers

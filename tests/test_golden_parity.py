@@ -85,5 +85,5 @@ def test_lingbot_v2_cache_and_schedule_match_upstream(golden_dir):
     schedule = lingbot_fast_schedule(shift=sched["shift"], indices=tuple(sched["timesteps_index"]),
                                      num_train_timesteps=sched["num_train_timesteps"])
     assert schedule.t.tolist() == sched["timesteps"]
-    np.testing.assert_array_equal(schedule.sigma_x0, np.float32(sched["sigma_for_x0"]))
-    np.testing.assert_array_equal(schedule.sigma_next[:-1], np.float32(sched["sigma_for_renoise_to_next_t"]))
+    np.testing.assert_array_equal(schedule.flow_scale, np.float32(sched["sigma_for_x0"]))
+    np.testing.assert_array_equal(schedule.noise_scale[:-1], np.float32(sched["sigma_for_renoise_to_next_t"]))

@@ -19,8 +19,8 @@ def test_recipe_is_registered_with_upstream_sampling():
     schedule = recipe.block_schedules().rest
     assert recipe.block_schedules().first is None
     assert schedule.t.tolist() == [999, 967, 908, 768]  # not v1's [999, 978, 947, 825]
-    np.testing.assert_allclose(schedule.sigma_x0, [0.9998999, 0.9679494, 0.9089255, 0.7689939], rtol=1e-6)
-    np.testing.assert_allclose(schedule.sigma_next[:-1], [0.9677834, 0.90859413, 0.7680442], rtol=1e-6)
+    np.testing.assert_allclose(schedule.flow_scale, [0.9998999, 0.9679494, 0.9089255, 0.7689939], rtol=1e-6)
+    np.testing.assert_allclose(schedule.noise_scale[:-1], [0.9677834, 0.90859413, 0.7680442], rtol=1e-6)
 
 
 def test_plan_holds_sink_6_and_an_18_frame_upstream_window():

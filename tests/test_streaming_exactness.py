@@ -146,9 +146,9 @@ def test_streamed_rollout_equals_full_sequence_forwards(name, model, full_forwar
         for p in range(schedule.num_steps):
             t = jnp.concatenate([jnp.zeros((c * CHUNK,)), jnp.full((CHUNK,), schedule.t[p])])[None]
             flow, _ = full_forward(params, jnp.concatenate([history, x], axis=1), t, cross_kv, camera, mask)
-            x0 = x - schedule.sigma_x0[p] * flow[:, -CHUNK:]
+            x0 = x - schedule.flow_scale[p] * flow[:, -CHUNK:]
             if p + 1 < schedule.num_steps:
-                x = (1.0 - schedule.sigma_next[p]) * x0 + schedule.sigma_next[p] * noises[c][p + 1]
+                x = schedule.signal_scale[p] * x0 + schedule.noise_scale[p] * noises[c][p + 1]
         error = _relative_l2(streamed[c], x0)
         assert error <= TOLERANCE, f"chunk {c}: streamed vs full-sequence relative L2 {error:.2e}"
         history = jnp.concatenate([history, x0], axis=1)

@@ -87,7 +87,7 @@ def _raiser(err):
 
 def _patch_programs(rollout, monkeypatch, phase, fail):
     """Replaces compile / denoise / commit / decode by stand-ins; `fail` stands in for `phase`."""
-    def compile_(noise, inputs):
+    def compile_(inputs):
         if phase == "compiling":
             fail()
         rollout._denoise = fail if phase == "denoising" else lambda params, cache, cross, noise, inputs: noise[0]

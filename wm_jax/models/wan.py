@@ -489,13 +489,40 @@ class WanModel(nnx.Module):
         return unpatchify(out, h // 2, w // 2), new_kv
 
 
-@dataclass(frozen=True)
+@dataclass
 class ExpertPair:
-    """Wan2.2 A14B / LingBot base: high-noise expert while integer t >= boundary·1000, else low-noise."""
+    """Two Wan DiTs of one architecture switched by timestep (Wan2.2 A14B, LingBot base, FastVideo's causal
+    Wan2.2): the high-noise expert while t >= boundary·1000, else the low-noise one."""
 
     high_noise: WanModel
     low_noise: WanModel
     boundary: float
 
+    def __post_init__(self):
+        if self.high_noise.config != self.low_noise.config:
+            raise ValueError(f"the experts differ: {self.high_noise.config} and {self.low_noise.config}")
+
     def select(self, t: int | float) -> WanModel:
         return self.high_noise if t >= self.boundary * 1000 else self.low_noise
+
+    @property
+    def experts(self) -> tuple[WanModel, WanModel]:
+        """(high-noise, low-noise): the order their passes run in."""
+        return self.high_noise, self.low_noise
+
+    @property
+    def config(self) -> WanConfig:
+        return self.high_noise.config
+
+    @property
+    def compute_dtype(self):
+        return self.high_noise.compute_dtype
+
+    @property
+    def attention_impl(self) -> str:
+        return self.high_noise.attention_impl
+
+    @attention_impl.setter
+    def attention_impl(self, value: str) -> None:
+        for expert in self.experts:
+            expert.attention_impl = value

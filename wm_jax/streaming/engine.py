@@ -8,8 +8,10 @@ state and the camera stream. Each `next_chunk()` is one autoregressive step:
 and returns the new pixel frames (1 + 4(F − 1) for the first chunk of F latent frames, 4F after; uint8,
 converted on the device) with the milliseconds of each phase, measured with the device synchronised at
 the phase boundaries. Generated block b runs the recipe's schedule for b (`BlockSchedules`: one compiled
-denoise program per distinct pass count). With task "i2v_first_latent" the first chunk is the start
-image's VAE latent instead: encoded, committed at t = 0 and decoded, never denoised.
+denoise program per distinct pass count and chunk length; chunk 0 may be shorter than the others, as in
+FastVideo's causal Wan2.2). With task "i2v_first_latent" the first chunk is the start image's VAE latent
+instead: encoded, committed at t = 0 and decoded, never denoised. The DiT may be an `ExpertPair`: the step
+then runs each expert's passes and commits both caches.
 
 Device memory: the rollout's buffers are estimated at construction (`wm_jax.streaming.memory`) and
 checked against the device before anything is allocated or compiled, again with XLA's measured
@@ -32,7 +34,7 @@ from flax import nnx
 from wm_jax.errors import OptionError
 from wm_jax.io.video import frames_to_uint8
 from wm_jax.models import camera as cam
-from wm_jax.models.wan import WanModel
+from wm_jax.models.wan import ExpertPair, WanModel
 from wm_jax.parallel.mesh import local_replica, to_host
 from wm_jax.streaming import memory
 from wm_jax.streaming.decoders import Decoder
@@ -65,18 +67,33 @@ class StepStats:
 
 @dataclass(frozen=True)
 class DenoisePrograms:
-    """A rollout's compiled denoise programs, one per pass count, each with its (placed) schedule; called as
-    one program `(params, cache, cross_kv, noise, inputs) -> x0`, it runs the one of noise's pass count."""
+    """A rollout's compiled denoise programs, one per (pass count, chunk frames), each with its (placed)
+    schedule; called as one program `(params, cache, cross_kv, noise, inputs) -> x0`, it runs the one of
+    noise's [passes, B, frames, ...] shape."""
 
-    programs: dict[int, tuple[Any, StepSchedule]]
+    programs: dict[tuple[int, int], tuple[Any, StepSchedule]]
 
     def __call__(self, params, cache, cross_kv, noise: jax.Array, inputs: ChunkInputs) -> jax.Array:
-        executable, schedule = self.programs[noise.shape[0]]
+        executable, schedule = self.programs[noise.shape[0], noise.shape[2]]
         return executable(params, cache, cross_kv, noise, inputs, schedule)
 
     @property
     def executables(self) -> list[Any]:
         return [executable for executable, _ in self.programs.values()]
+
+
+@dataclass(frozen=True)
+class CommitPrograms:
+    """A rollout's compiled commit programs, one per chunk length; called as one program, it runs x0's."""
+
+    programs: dict[int, Any]
+
+    def __call__(self, params, cache, cross_kv, x0: jax.Array, inputs: ChunkInputs):
+        return self.programs[x0.shape[1]](params, cache, cross_kv, x0, inputs)
+
+    @property
+    def executables(self) -> list[Any]:
+        return list(self.programs.values())
 
 
 @dataclass
@@ -100,7 +117,7 @@ class WorldRollout:
     e.g. CPU).
     """
 
-    def __init__(self, recipe: Recipe, plan: RolloutPlan, dit: WanModel, decoder: Decoder, *, seed: int,
+    def __init__(self, recipe: Recipe, plan: RolloutPlan, dit: WanModel | ExpertPair, decoder: Decoder, *, seed: int,
                  vae_encoder=None, noise_dtype=jnp.float32):
         if recipe.encodes_image and vae_encoder is None:
             raise ValueError(f"recipe {recipe.slug} is image-to-video: it needs the Wan VAE encoder")
@@ -114,10 +131,9 @@ class WorldRollout:
         self.noise_dtype = noise_dtype
         self.schedules = recipe.block_schedules()
         self.step = StreamingStep(dit, self.schedules.rest, plan)
-        shape = plan.chunk_shape
-        self._noise = jax.jit(lambda chunk, passes: chunk_noise(jax.random.key(seed), chunk, passes, shape,
-                                                                noise_dtype),
-                              static_argnums=1, out_shardings=self.step.replicated)
+        self._noise = jax.jit(lambda chunk, passes, shape: chunk_noise(jax.random.key(seed), chunk, passes, shape,
+                                                                       noise_dtype),
+                              static_argnums=(1, 2), out_shardings=self.step.replicated)
         self.state = RolloutState()
         self.compile_seconds = 0.0
         self.last_latents: np.ndarray | None = None
@@ -169,16 +185,16 @@ class WorldRollout:
     def _given_latents(self) -> jax.Array:
         """The latents of a given chunk: the start image through the VAE encoder, [B, 1, h, w, C] float32."""
         latents = self.vae_encoder.encode(self.state.image[:, None])
-        if latents.shape != self.plan.chunk_shape:
-            raise ValueError(f"the image encodes to latents {latents.shape}; the plan's chunk is "
-                             f"{self.plan.chunk_shape}")
+        if latents.shape != self.plan.chunk_shape_of(0):
+            raise ValueError(f"the image encodes to latents {latents.shape}; the plan's chunk 0 is "
+                             f"{self.plan.chunk_shape_of(0)}")
         return self.step.whole(latents.astype(jnp.float32))
 
     def next_chunk(self, latent_poses: np.ndarray | None = None, noise: np.ndarray | None = None, *,
                    float_frames: bool = False) -> tuple[np.ndarray, StepStats]:
         """One AR step. latent_poses: [chunk, 4, 4] c2w poses of this chunk's latent frames (camera recipes);
         noise: recorded noise [k, 1, F, h, w, 16] to replay instead of the seeded draws (k = the passes of
-        this block's schedule; unused for a given chunk, the I2V image latent).
+        this block's schedule, F = this chunk's frames; unused for a given chunk, the I2V image latent).
 
         Returns (frames [T, H, W, 3], stats). Frames are uint8, converted on the device exactly as
         `wm_jax.io.video.to_uint8(frames, decoder.value_range)` (a 4x smaller host copy); with
@@ -199,13 +215,15 @@ class WorldRollout:
         t1 = time.perf_counter()
         if given is None:
             passes = self.schedules.for_block(block).num_steps
-            if noise is not None and np.shape(noise)[0] != passes:
-                raise ValueError(f"recorded noise has {np.shape(noise)[0]} draws; block {block} runs {passes} passes")
-            noise = (self._noise(self.step.whole(np.int32(s.chunk_index)), passes) if noise is None
+            shape = self.plan.chunk_shape_of(s.chunk_index)
+            if noise is not None and np.shape(noise) != (passes, *shape):
+                raise ValueError(f"recorded noise is {np.shape(noise)}; block {block} runs {passes} passes on a chunk "
+                                 f"{shape}")
+            noise = (self._noise(self.step.whole(np.int32(s.chunk_index)), passes, shape) if noise is None
                      else self.step.whole(np.asarray(noise, self.noise_dtype)))
         if self._denoise is None:
             with self._explain_oom("compiling the denoise/commit programs"):
-                self._compile(None if given is not None else noise, inputs)
+                self._compile(inputs)
             t1 = time.perf_counter()
         if given is not None:
             x0 = given
@@ -234,31 +252,37 @@ class WorldRollout:
             return to_host(frames).astype(np.float32)[0]
         return frames_to_uint8(local_replica(frames), self.decoder.value_range)[0]
 
-    def _compile(self, noise: jax.Array | None, inputs: ChunkInputs) -> None:
-        """Compiles, ahead of time for this rollout's shapes, one denoise program per pass count of the block
-        schedules (the schedule is an input of the program, placed once here) and the commit program.
-        `noise`: this chunk's noise (None for a given chunk); every other shape comes from the plan.
+    def _compile(self, inputs: ChunkInputs) -> None:
+        """Compiles, ahead of time for this rollout's shapes, one denoise program per (pass count of the block
+        schedules, length of a generated chunk) (the schedule is an input of the program, placed once here)
+        and one commit program per chunk length. `inputs`: chunk 0's conditioning, whose leaves are
+        [B, F, ...]; every other shape comes from the plan.
 
         Every later step calls these executables: a shape that changed would be an error, never a
         silent recompile. The memory estimate takes XLA's temporaries from them and is checked again.
         """
-        s, step = self.state, self.step
+        s, step, plan = self.state, self.step, self.plan
         start = time.perf_counter()
         spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=step.replicated)
-        programs = {}
+        with_frames = lambda frames: jax.tree.map(
+            lambda a: spec((a.shape[0], frames, *a.shape[2:]), a.dtype), inputs)
+        generated = sorted({plan.frames_of(c) for c in range(plan.prefix_chunks, min(plan.total_blocks,
+                                                                                     plan.prefix_chunks + 2))})
+        denoise, commit = {}, {}
         for passes, schedule in self.schedules.by_passes.items():
-            if noise is None or noise.shape[0] != passes:
-                self._noise(step.whole(np.int32(0)), passes)  # compiles this pass count's draws
-            example = noise if noise is not None and noise.shape[0] == passes else spec(
-                (passes, *self.plan.chunk_shape), self.noise_dtype)
-            schedule = step.whole(schedule)
-            programs[passes] = (step.denoise.lower(step.params, s.cache, s.cross_kv, example, inputs,
-                                                   schedule).compile(), schedule)
-        self._denoise = DenoisePrograms(programs)
-        x0_spec = spec(self.plan.chunk_shape, jnp.float32)
-        self._commit = step.commit.lower(step.params, s.cache, s.cross_kv, x0_spec, inputs).compile()
+            placed = step.whole(schedule)
+            for frames in generated:
+                shape = (plan.batch, frames, *plan.chunk_shape[2:])
+                self._noise(step.whole(np.int32(0)), passes, shape)  # compiles this shape's draws
+                denoise[passes, frames] = (step.denoise.lower(
+                    step.params, s.cache, s.cross_kv, spec((passes, *shape), self.noise_dtype), with_frames(frames),
+                    placed).compile(), placed)
+        for frames in plan.chunk_frame_counts:
+            x0_spec = spec((plan.batch, frames, *plan.chunk_shape[2:]), jnp.float32)
+            commit[frames] = step.commit.lower(step.params, s.cache, s.cross_kv, x0_spec, with_frames(frames)).compile()
+        self._denoise, self._commit = DenoisePrograms(denoise), CommitPrograms(commit)
         self.compile_seconds = time.perf_counter() - start
-        self.memory = self.memory.with_compiled(*self._denoise.executables, self._commit)
+        self.memory = self.memory.with_compiled(*self._denoise.executables, *self._commit.executables)
         self._check_fits(self.memory.total, "not enough device memory for the compiled denoise/commit programs")
 
     # -- device memory -------------------------------------------------------------------------------
@@ -279,7 +303,7 @@ class WorldRollout:
         cross_kv = memory.tree_nbytes(jax.eval_shape(self.step._compute_cross_kv, self.step.params, text, None))
         return memory.MemoryEstimate(
             dit_weights=dit_weights,
-            kv_cache=memory.tree_nbytes(cache.k, cache.v) // plan.num_devices,
+            kv_cache=sum(memory.tree_nbytes(c.k, c.v) for c in self.step.caches(cache)) // plan.num_devices,
             cross_kv=cross_kv // (plan.num_devices if plan.shards.context_heads_sharded else 1),
             vae_weights=vae_weights,
             vae_state=memory.tree_nbytes(*states),

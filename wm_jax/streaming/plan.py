@@ -2,8 +2,9 @@
 
     pixels  [T_px, H, W, 3]        T_px = 1 + 4·(T − 1) for T latent frames (VAE temporal stride 4)
     latents [T, H/8, W/8, C]       C = the DiT's out_dim (16 Wan 2.1, 48 Wan 2.2 TI2V)
-    chunks  T = total_blocks · F; the first prefix_chunks chunks hold given latents (the I2V image
-            latent of Causal-Forcing), committed without denoising; blocks count the generated chunks
+    chunks  T = F₀ + (total_blocks − 1) · F: chunk 0 holds F₀ frames (F₀ = F except FastVideo's causal
+            Wan2.2: 1), every later chunk F; with prefix frames, chunk 0 holds given latents (the I2V image
+            latent), committed without denoising; blocks count the generated chunks
     tokens  S = (H/16)·(W/16) per latent frame (patch 1x2x2); a chunk is F frames = F·S tokens
     devices S padded per frame to a multiple of the device count P; S_pad / P tokens per device;
             N heads padded to a multiple of P (N_pad); N_pad / P heads of the KV cache per device
@@ -42,8 +43,10 @@ class RolloutPlan:
       condition_channels: channels concatenated after the noise (I2V: mask 4 + image latent 16), else 0.
       chunk_frames: latent frames per chunk (AR step; 1 = frame-wise); total_blocks: chunks in the
         rollout, given ones included.
-      prefix_frames: latent frames given up front (the I2V image latent), whole chunks at the start,
-        committed at t = 0 and never denoised.
+      first_chunk_frames: latent frames of chunk 0 (= chunk_frames unless the model starts with a shorter
+        block).
+      prefix_frames: latent frames given up front (the I2V image latent): 0, or all of chunk 0, committed
+        at t = 0 and never denoised.
       cache: the KV-cache layout (sink + ring, tokens per frame).
       mesh, rules: devices and the sharding table; shards: the Ulysses token split (static).
       batch: worlds generated together.
@@ -64,36 +67,44 @@ class RolloutPlan:
     batch: int = 1
     vae_stride: tuple[int, int, int] = VAE_STRIDE
     prefix_frames: int = 0
+    first_chunk_frames: int = 0  # 0: chunk_frames (set by create)
+
+    def __post_init__(self):
+        if not self.first_chunk_frames:
+            object.__setattr__(self, "first_chunk_frames", self.chunk_frames)
 
     @classmethod
     def create(cls, model: WanConfig, mesh: Mesh, *, pixel_height: int, pixel_width: int, chunk_frames: int,
                total_blocks: int, sink_frames: int | None, ring_frames: int, rules: ShardingRules | None = None,
-               batch: int = 1, vae_stride: tuple[int, int, int] = VAE_STRIDE, prefix_frames: int = 0
-               ) -> RolloutPlan:
+               batch: int = 1, vae_stride: tuple[int, int, int] = VAE_STRIDE, prefix_frames: int = 0,
+               first_chunk_frames: int | None = None) -> RolloutPlan:
         """Validates the options and derives every shape.
 
         sink_frames None keeps every frame of the rollout (a global cache: sink = all latent frames,
         no ring); else `sink_frames` first frames plus a ring of the `ring_frames` most recent ones.
-        prefix_frames: latent frames given up front (whole chunks), committed without denoising.
+        prefix_frames: latent frames given up front (all of chunk 0), committed without denoising.
+        first_chunk_frames: frames of chunk 0 (None: chunk_frames).
         """
         rules = rules or ShardingRules()
         check_resolution(pixel_height, pixel_width, vae_stride[1] * PATCH_SIZE[1])
-        if chunk_frames <= 0:
-            raise ValueError(f"chunk_frames {chunk_frames}: expected at least 1 latent frame per chunk")
-        if prefix_frames < 0 or prefix_frames % chunk_frames:
-            raise ValueError(f"{prefix_frames} given latent frame(s) are not whole chunks of {chunk_frames} frames "
-                             "(committed up front, they take chunks of their own: use 1-frame chunks)")
-        prefix_chunks = prefix_frames // chunk_frames
+        first_chunk_frames = chunk_frames if first_chunk_frames is None else first_chunk_frames
+        if chunk_frames <= 0 or first_chunk_frames <= 0:
+            raise ValueError(f"chunk_frames {chunk_frames}, first chunk {first_chunk_frames}: expected at least 1 "
+                             "latent frame per chunk")
+        if prefix_frames not in (0, first_chunk_frames):
+            raise ValueError(f"{prefix_frames} given latent frame(s) do not fill chunk 0 ({first_chunk_frames} "
+                             "frames): committed up front, they take a chunk of their own")
+        prefix_chunks = 1 if prefix_frames else 0
         if total_blocks <= prefix_chunks:
-            given = {0: "", 1: " (chunk 0 holds the given latents)"}.get(
-                prefix_chunks, f" (chunks 0..{prefix_chunks - 1} hold the given latents)")
+            given = " (chunk 0 holds the given latents)" if prefix_chunks else ""
             raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks}: expected at least "
                               f"{prefix_chunks + 1} chunk{'s' if prefix_chunks else ''}{given}")
-        latent_frames = total_blocks * chunk_frames
+        latent_frames = first_chunk_frames + (total_blocks - 1) * chunk_frames
         if latent_frames > ROPE_POSITION_LIMIT:
+            most = (ROPE_POSITION_LIMIT - first_chunk_frames) // chunk_frames + 1
             raise OptionError("total_blocks", f"{{total_blocks}} {total_blocks} needs {latent_frames} latent frames, "
                               f"past the {ROPE_POSITION_LIMIT} RoPE positions wm_jax computes; use {{total_blocks}} "
-                              f"{ROPE_POSITION_LIMIT // chunk_frames} or fewer")
+                              f"{most} or fewer")
         if latent_frames > ROPE_MAX_POSITIONS:
             logging.warning("latent frames %d..%d lie past the %d RoPE positions the models were trained with; "
                             "their positions continue upstream's formula", ROPE_MAX_POSITIONS, latent_frames - 1,
@@ -116,19 +127,22 @@ class RolloutPlan:
                             model.num_heads, shards.padded_heads, 100 * (1 - model.num_heads / shards.padded_heads),
                             unpadded_device_counts(model.num_heads, mesh.size))
         return cls(pixel_height, pixel_width, latent_h, latent_w, model.out_dim, model.in_dim - model.out_dim,
-                   chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride, prefix_frames)
+                   chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride, prefix_frames,
+                   first_chunk_frames)
 
     @classmethod
     def for_recipe(cls, recipe, model: WanConfig, mesh: Mesh, rules: ShardingRules | None = None) -> RolloutPlan:
         """The plan of a `Recipe` (its options already applied) for `model` on `mesh`."""
         sink_frames, ring_frames = recipe.cache_frames()
-        if recipe.prefix_frames % recipe.chunk_frames:
+        first = recipe.first_chunk_frames or recipe.chunk_frames
+        if recipe.prefix_frames not in (0, first):
             raise ValueError(f"recipe {recipe.slug}: task {recipe.task} commits the image latent as a chunk of its "
-                             f"own, which needs frame-wise chunks (chunk_frames 1, not {recipe.chunk_frames})")
+                             f"own, which needs a 1-frame first chunk (chunk_frames 1 or first_chunk_frames 1, not "
+                             f"{first})")
         return cls.create(model, mesh, pixel_height=recipe.pixel_height, pixel_width=recipe.pixel_width,
                           chunk_frames=recipe.chunk_frames, total_blocks=recipe.total_blocks,
                           sink_frames=sink_frames, ring_frames=ring_frames, rules=rules,
-                          prefix_frames=recipe.prefix_frames)
+                          prefix_frames=recipe.prefix_frames, first_chunk_frames=first)
 
     # -- derived sizes ---------------------------------------------------------------------------------
 
@@ -138,12 +152,25 @@ class RolloutPlan:
 
     @property
     def latent_frames(self) -> int:
-        return self.total_blocks * self.chunk_frames
+        return self.first_chunk_frames + (self.total_blocks - 1) * self.chunk_frames
+
+    def frames_of(self, chunk_index: int) -> int:
+        """Latent frames of chunk `chunk_index`."""
+        return self.first_chunk_frames if chunk_index == 0 else self.chunk_frames
+
+    def first_frame_of(self, chunk_index: int) -> int:
+        """Absolute latent index of the chunk's first frame."""
+        return 0 if chunk_index == 0 else self.first_chunk_frames + (chunk_index - 1) * self.chunk_frames
+
+    @property
+    def chunk_frame_counts(self) -> tuple[int, ...]:
+        """The distinct chunk lengths of the rollout (chunk 0's first): one compiled shape each."""
+        return tuple(dict.fromkeys(self.frames_of(i) for i in range(min(self.total_blocks, 2))))
 
     @property
     def prefix_chunks(self) -> int:
         """Chunks that hold given latents (committed, never denoised) before the first generated block."""
-        return self.prefix_frames // self.chunk_frames
+        return 1 if self.prefix_frames else 0
 
     def block_index(self, chunk_index: int) -> int:
         """The generated block of a chunk (its index among the denoised chunks); negative for a given one."""
@@ -155,8 +182,9 @@ class RolloutPlan:
         return 1 + self.vae_stride[0] * (self.latent_frames - 1)
 
     def chunk_pixel_frames(self, chunk_index: int) -> int:
-        """Video frames a chunk decodes to: 1 + 4·(F − 1) for the first chunk, 4·F after."""
-        return self.vae_stride[0] * self.chunk_frames - (self.vae_stride[0] - 1 if chunk_index == 0 else 0)
+        """Video frames a chunk decodes to: 1 + 4·(F₀ − 1) for the first chunk, 4·F after."""
+        frames = self.vae_stride[0] * self.frames_of(chunk_index)
+        return frames - (self.vae_stride[0] - 1 if chunk_index == 0 else 0)
 
     @property
     def tokens_per_frame(self) -> int:
@@ -179,8 +207,13 @@ class RolloutPlan:
 
     @property
     def chunk_shape(self) -> tuple[int, int, int, int, int]:
-        """Noise / clean latents of one chunk: [B, F, h, w, C]."""
-        return (self.batch, self.chunk_frames, self.latent_height, self.latent_width, self.latent_channels)
+        """Noise / clean latents of one (steady, chunk >= 1) chunk: [B, F, h, w, C]."""
+        return self.chunk_shape_of(1)
+
+    def chunk_shape_of(self, chunk_index: int) -> tuple[int, int, int, int, int]:
+        """Noise / clean latents of chunk `chunk_index`: [B, F(chunk), h, w, C]."""
+        return (self.batch, self.frames_of(chunk_index), self.latent_height, self.latent_width,
+                self.latent_channels)
 
     @property
     def condition_shape(self) -> tuple[int, int, int, int, int]:
@@ -191,7 +224,8 @@ class RolloutPlan:
         """The plan as plain data (for stats files and benchmark JSON)."""
         return {"pixel": [self.pixel_height, self.pixel_width], "latent": [self.latent_height, self.latent_width,
                                                                           self.latent_channels],
-                "chunk_frames": self.chunk_frames, "total_blocks": self.total_blocks,
+                "chunk_frames": self.chunk_frames, "first_chunk_frames": self.first_chunk_frames,
+                "total_blocks": self.total_blocks,
                 "prefix_frames": self.prefix_frames,
                 "tokens_per_frame": self.tokens_per_frame, "chunk_tokens": self.chunk_tokens,
                 "num_devices": self.num_devices, "padded_tokens_per_frame": self.shards.padded_tokens_per_frame,

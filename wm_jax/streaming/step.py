@@ -5,6 +5,12 @@
                   x ← (1 − σ^next_i) · x0 + σ^next_i · ε_{i+1}        (fresh noise; skipped after the last)
     emit x0;  commit: net(x0, t = 0) writes the chunk's clean K/V into the cache
 
+A two-expert model (`ExpertPair`, FastVideo's causal Wan2.2) runs the schedule's high-noise passes on the
+high-noise expert against its own cache, then the low-noise passes on the other expert against its cache
+(the update scales of `wm_jax.streaming.schedules` hold the boundary rule); both experts attend to the
+text K/V the high-noise expert projects, and the commit runs both, each writing its own cache. Params
+and cache are then pairs (high, low); every signature stays the same.
+
 `StreamingStep` compiles two programs per (model, plan): `denoise` (all k passes, one `lax.scan`) and
 `commit` (cache donated, updated in place). The chunk index never changes a shape: the RoPE offset and
 the valid cache length are traced values, so the growth phase and the steady state share both programs.
@@ -33,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from wm_jax.models.wan import WanModel
+from wm_jax.models.wan import ExpertPair, WanModel
 from wm_jax.parallel.mesh import put, replicated
 from wm_jax.parallel.sharding import CROSS_KV_AXES, KV_CACHE_AXES, LATENT_AXES, NOISE_AXES, param_shardings
 from wm_jax.streaming.kv_cache import KVCache, commit
@@ -68,25 +74,31 @@ jax.tree_util.register_dataclass(ChunkInputs, data_fields=["y", "camera"], meta_
 
 
 class StreamingStep:
-    """Jitted denoise / commit programs for one model and rollout plan; `schedule` is the default of
-    `denoise(params, cache, cross_kv, noise, inputs, schedule=None)`.
+    """Jitted denoise / commit programs for one model (or expert pair) and rollout plan; `schedule` is the
+    default of `denoise(params, cache, cross_kv, noise, inputs, schedule=None)`.
 
     `params` are placed on the plan's mesh with the sharding table's shardings when the step is built
-    (a no-op when they already are, e.g. restored or created there).
+    (a no-op when they already are, e.g. restored or created there). For an `ExpertPair`, `params` and
+    the cache are tuples (high-noise expert's, low-noise expert's).
     """
 
-    def __init__(self, model: WanModel, schedule: StepSchedule, plan: RolloutPlan):
-        self.graphdef, params = nnx.split(model)
+    def __init__(self, model: WanModel | ExpertPair, schedule: StepSchedule, plan: RolloutPlan):
+        self.paired = isinstance(model, ExpertPair)
+        experts = model.experts if self.paired else (model,)
+        split = [nnx.split(expert) for expert in experts]
+        self.graphdefs = tuple(graphdef for graphdef, _ in split)
+        self.graphdef = self.graphdefs[0]
         self.schedule = schedule
         self.plan = plan
         self.layout = plan.cache
-        self.config = model.config
-        self.compute_dtype = model.compute_dtype
+        self.config = experts[0].config
+        self.compute_dtype = experts[0].compute_dtype
         mesh, rules = plan.mesh, plan.rules
-        self.param_shardings = param_shardings(params, rules, mesh)
-        self.params = put(params, self.param_shardings)
-        self.cache_sharding = KVCache(k=rules.sharding(mesh, KV_CACHE_AXES), v=rules.sharding(mesh, KV_CACHE_AXES),
-                                      committed_frames=replicated(mesh))
+        self.param_shardings = self._pack([param_shardings(params, rules, mesh) for _, params in split])
+        self.params = put(self._pack([params for _, params in split]), self.param_shardings)
+        one_cache = KVCache(k=rules.sharding(mesh, KV_CACHE_AXES), v=rules.sharding(mesh, KV_CACHE_AXES),
+                            committed_frames=replicated(mesh))
+        self.cache_sharding = self._pack([one_cache] * len(experts))
         self.cross_kv_sharding = rules.sharding(mesh, CROSS_KV_AXES)
         self.latent_sharding = rules.sharding(mesh, LATENT_AXES)
         self.noise_sharding = rules.sharding(mesh, NOISE_AXES)
@@ -107,17 +119,31 @@ class StreamingStep:
         self._init_cache = jax.jit(self._empty_cache, static_argnums=0, out_shardings=self.cache_sharding)
         self.replicated = replicated(mesh)
 
-    def init_cache(self, dtype=None) -> KVCache:
-        """An empty cache, created directly in its sharding (each device allocates only its heads; the
-        heads padded to a multiple of the device count)."""
+    def _pack(self, per_expert: list):
+        """Per-expert trees -> the step's form: the tree itself for one model, a tuple for a pair."""
+        return tuple(per_expert) if self.paired else per_expert[0]
+
+    def _unpack(self, tree) -> tuple:
+        return tuple(tree) if self.paired else (tree,)
+
+    def caches(self, cache) -> tuple[KVCache, ...]:
+        """The cache of each expert (one for a single model)."""
+        return self._unpack(cache)
+
+    def init_cache(self, dtype=None) -> KVCache | tuple[KVCache, KVCache]:
+        """An empty cache (one per expert), created directly in its sharding (each device allocates only its
+        heads; the heads padded to a multiple of the device count)."""
         return self._init_cache(jnp.dtype(dtype or self.compute_dtype))
 
-    def _empty_cache(self, dtype) -> KVCache:
+    def _empty_cache(self, dtype):
         cfg, plan = self.config, self.plan
-        return KVCache.zeros(plan.cache, cfg.num_layers, plan.batch, plan.shards.padded_heads, cfg.head_dim, dtype)
+        one = lambda: KVCache.zeros(plan.cache, cfg.num_layers, plan.batch, plan.shards.padded_heads, cfg.head_dim,
+                                    dtype)
+        return self._pack([one() for _ in self.graphdefs])
 
     def cross_kv(self, text: np.ndarray | Array, image_tokens: np.ndarray | Array | None = None) -> dict[str, Array]:
-        """Cross-attention K/V for a prompt (once per prompt): text [B, Lc, text_dim] real tokens."""
+        """Cross-attention K/V for a prompt (once per prompt): text [B, Lc, text_dim] real tokens. An expert
+        pair shares the high-noise expert's (FastVideo's one cross-attention cache, filled by its first call)."""
         text, image_tokens = self.whole((text, image_tokens))
         return self._cross_kv(self.params, text, image_tokens)
 
@@ -126,11 +152,11 @@ class StreamingStep:
         return put(tree, self.replicated)
 
     def _compute_cross_kv(self, params, text, image_tokens):
-        model = nnx.merge(self.graphdef, params)
+        model = nnx.merge(self.graphdefs[0], self._unpack(params)[0])
         return model.cross_kv(model.embed_text(text), image_tokens)
 
-    def _forward(self, params, x, t, cross_kv, inputs: ChunkInputs, cache: KVCache):
-        model = nnx.merge(self.graphdef, params)
+    def _forward(self, expert: int, params, x, t, cross_kv, inputs: ChunkInputs, cache: KVCache):
+        model = nnx.merge(self.graphdefs[expert], params)
         if inputs.y is not None:
             x = jnp.concatenate([x, inputs.y.astype(x.dtype)], axis=-1)
         b, f = x.shape[:2]
@@ -138,26 +164,39 @@ class StreamingStep:
             x, jnp.broadcast_to(t, (b, f)), cross_kv, camera=inputs.camera,
             frame_offset=cache.committed_frames, cache=cache.attention_view(self.layout), shards=self.plan.shards)
 
-    def _denoise(self, params, cache: KVCache, cross_kv, noise: Array, inputs: ChunkInputs,
-                 s: StepSchedule) -> Array:
-        """noise [k, B, F, H, W, C] -> clean chunk x0 [B, F, H, W, C] (float32), the k passes of schedule `s`.
-        The cache is only read."""
+    def _denoise(self, params, cache, cross_kv, noise: Array, inputs: ChunkInputs, s: StepSchedule) -> Array:
+        """noise [k, B, F, H, W, C] -> clean chunk x0 [B, F, H, W, C] (float32), the k passes of schedule `s`,
+        each expert's share on that expert. The cache is only read."""
         if noise.shape[0] != s.num_steps:
             raise ValueError(f"noise holds {noise.shape[0]} draws for a schedule of {s.num_steps} passes")
+        if len(s.expert_passes) != len(self.graphdefs):
+            raise ValueError(f"the schedule splits its passes over {len(s.expert_passes)} expert(s); the model has "
+                             f"{len(self.graphdefs)}")
         eps_next = jnp.roll(noise, -1, axis=0)  # pass i re-noises with draw i+1 (the last one is unused)
+        per_pass = (jnp.asarray(s.t), jnp.asarray(s.flow_scale), jnp.asarray(s.signal_scale),
+                    jnp.asarray(s.noise_scale), eps_next)
+        x, first = noise[0].astype(jnp.float32), 0
+        for expert, (expert_params, expert_cache, count) in enumerate(
+                zip(self._unpack(params), self._unpack(cache), s.expert_passes)):
+            if count == 0:
+                continue
 
-        def one_pass(x, per_pass):
-            t, sigma_x0, sigma_next, eps = per_pass
-            flow, _ = self._forward(params, x, t, cross_kv, inputs, cache)
-            x0 = x - sigma_x0 * flow
-            return (1.0 - sigma_next) * x0 + sigma_next * eps, x0
+            def one_pass(x, scanned, expert=expert, expert_params=expert_params, expert_cache=expert_cache):
+                t, flow_scale, signal_scale, noise_scale, eps = scanned
+                flow, _ = self._forward(expert, expert_params, x, t, cross_kv, inputs, expert_cache)
+                prediction = x - flow_scale * flow
+                return signal_scale * prediction + noise_scale * eps, prediction
 
-        per_pass = (jnp.asarray(s.t), jnp.asarray(s.sigma_x0), jnp.asarray(s.sigma_next), eps_next)
-        _, x0s = jax.lax.scan(one_pass, noise[0].astype(jnp.float32), per_pass)
-        return x0s[-1]
+            x, predictions = jax.lax.scan(one_pass, x, jax.tree.map(lambda a: a[first:first + count], per_pass))
+            first += count
+        return predictions[-1]
 
-    def _commit(self, params, cache: KVCache, cross_kv, x0: Array, inputs: ChunkInputs) -> KVCache:
-        """Runs the clean chunk at t = 0 and writes its K/V (this device's heads) into the cache (donated)."""
-        _, (k, v) = self._forward(params, x0, jnp.zeros((), jnp.float32), cross_kv, inputs, cache)
-        return commit(cache, self.layout, k, v)
-
+    def _commit(self, params, cache, cross_kv, x0: Array, inputs: ChunkInputs):
+        """Runs the clean chunk at t = 0 through each expert and writes its K/V (this device's heads) into that
+        expert's cache (donated)."""
+        t = jnp.zeros((), jnp.float32)
+        updated = []
+        for expert, (expert_params, expert_cache) in enumerate(zip(self._unpack(params), self._unpack(cache))):
+            _, (k, v) = self._forward(expert, expert_params, x0, t, cross_kv, inputs, expert_cache)
+            updated.append(commit(expert_cache, self.layout, k, v))
+        return self._pack(updated)

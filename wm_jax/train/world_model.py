@@ -73,7 +73,7 @@ def loss_fn(hparams: WorldModelTraining, geometry: ClipGeometry, layout: CacheLa
     cf = layout.chunk_frames
     mask = jnp.asarray(token_mask(teacher_forcing_mask(layout, num_frames), layout.tokens_per_frame))
     t_table = jnp.asarray(schedule.t, jnp.float32)
-    sigma_table = jnp.asarray(schedule.sigma_x0, jnp.float32)
+    sigma_table = jnp.asarray(schedule.flow_scale, jnp.float32)
 
     def loss(model: WanModel, key: jax.Array):
         keys = jax.random.split(key, 7)
