@@ -333,16 +333,54 @@ def load_source(source: Source, *, compute_dtype=jnp.float32, attention_impl: st
 
 
 # ---------------------------------------------------------------------------------------------------
-# Two-expert folders (Wan2.2 A14B, LingBot base): high_noise_model/ + low_noise_model/.
+# Two-expert folders: Wan2.2 A14B / LingBot base (high_noise_model/ + low_noise_model/), or a diffusers
+# pipeline folder (transformer/ = high-noise, transformer_2/ = low-noise, FastVideo's causal Wan2.2).
 # ---------------------------------------------------------------------------------------------------
 
 EXPERTS_KIND = "wan_dit_experts"
-EXPERT_DIRS = ("high_noise_model", "low_noise_model")
+EXPERT_DIRS = ("high_noise_model", "low_noise_model")  # also the converted folder's names
+DIFFUSERS_EXPERT_DIRS = ("transformer", "transformer_2")
+_EXPERT_WORDS = ("high-noise", "low-noise")
+
+# The flow-matching table wm_jax builds (`wm_jax.streaming.schedules`): FastVideo's
+# SelfForcingFlowMatchScheduler with these settings; its constructor defaults where a config omits a key.
+SCHEDULER_CLASSES = ("SelfForcingFlowMatchScheduler", "FlowMatchScheduler")
+SCHEDULER_TABLE = {"num_inference_steps": (1000, 100), "num_train_timesteps": (1000, 1000), "sigma_max": (1.0, 1.0),
+                   "sigma_min": (0.0, 0.003 / 1.002), "extra_one_step": (True, False),
+                   "inverse_timesteps": (False, False), "reverse_sigmas": (False, False)}  # key: (needed, default)
+SCHEDULER_FILE = Path("scheduler") / "scheduler_config.json"
+
+
+def expert_sources(path: str | Path, *, required: bool = False) -> tuple[Path, Path] | None:
+    """(high-noise, low-noise) source folders of a two-expert checkpoint at `path`, or None when it is not one
+    (with `required`, an error instead). Raises CheckpointError naming the missing expert when a folder has
+    one expert of a pair: transformer_2/ without transformer/, transformer/ without the transformer_2/ its
+    model_index.json lists, or one of high_noise_model/ / low_noise_model/."""
+    path = Path(path)
+    if not path.is_dir():
+        if required:
+            raise CheckpointError(f"{path}: expected a folder with two experts ({'/ + '.join(EXPERT_DIRS)}/ or "
+                                  f"{'/ + '.join(DIFFUSERS_EXPERT_DIRS)}/)")
+        return None
+    index = path / "model_index.json"
+    listed = set(json.loads(index.read_text())) if index.is_file() else set()
+    for dirs in (EXPERT_DIRS, DIFFUSERS_EXPERT_DIRS):
+        present = [(path / d).is_dir() for d in dirs]
+        if all(present):
+            return path / dirs[0], path / dirs[1]
+        single_diffusers = dirs == DIFFUSERS_EXPERT_DIRS and present[0] and dirs[1] not in listed
+        if any(present) and (required or not single_diffusers):
+            missing = 1 - present.index(True)
+            raise CheckpointError(f"{path}: has {dirs[1 - missing]}/ but no {dirs[missing]}/, the "
+                                  f"{_EXPERT_WORDS[missing]} expert; a two-expert model needs both")
+    if required:
+        raise CheckpointError(f"{path}: no two-expert checkpoint here (expected {'/ + '.join(EXPERT_DIRS)}/ or "
+                              f"{'/ + '.join(DIFFUSERS_EXPERT_DIRS)}/)")
+    return None
 
 
 def is_expert_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and all((path / d).is_dir() for d in EXPERT_DIRS)
+    return expert_sources(path) is not None
 
 
 def default_boundary(cfg: WanConfig) -> float:
@@ -352,33 +390,61 @@ def default_boundary(cfg: WanConfig) -> float:
     return 0.900 if cfg.in_dim == 36 else 0.875
 
 
+def read_scheduler(folder: str | Path) -> dict[str, Any] | None:
+    """The schedule shift a checkpoint folder's `scheduler/scheduler_config.json` states ({"shift", "file"}), or
+    None without one. Raises CheckpointError naming the file and key when the scheduler is not the
+    flow-matching table wm_jax builds (`SCHEDULER_TABLE`), so a shift is never applied to another table."""
+    file = Path(folder) / SCHEDULER_FILE
+    if not file.is_file():
+        return None
+    config = json.loads(file.read_text())
+    name = config.get("_class_name")
+    if name not in SCHEDULER_CLASSES:
+        raise CheckpointError(f"{file}: _class_name {name!r}; wm_jax builds the table of {SCHEDULER_CLASSES[0]}")
+    for key, (needed, default) in SCHEDULER_TABLE.items():
+        value = config.get(key, default)
+        if value != needed:
+            raise CheckpointError(f"{file}: {key} {value!r}{'' if key in config else ' (the default)'}; wm_jax "
+                                  f"builds the table with {key} {needed!r}")
+    shift = float(config.get("shift", 3.0))
+    if shift <= 0:
+        raise CheckpointError(f"{file}: shift {shift}; expected a positive shift")
+    return {"shift": shift, "file": str(file)}
+
+
 def convert_experts(src: str | Path, dst: str | Path, *, open_fn, overwrite: bool = False,
                     dtype: str | None = None, config_overrides: Mapping[str, Any] | None = None,
                     boundary: float | None = None, on_tensor=None) -> dict[str, Any]:
-    """Converts both experts under one atomic destination: DST/{high,low}_noise_model + DST/wm_jax.json."""
+    """Converts both experts under one atomic destination: DST/{high,low}_noise_model + DST/wm_jax.json (with
+    the source's scheduler shift, when it has a scheduler config)."""
     src = Path(src)
+    sources = expert_sources(src, required=True)
+    scheduler = read_scheduler(src)
     ckpt.check_destination(dst, overwrite)
     with ckpt.atomic_folder(dst, overwrite) as tmp:
         configs = {}
-        for name in EXPERT_DIRS:
-            manifest = convert(open_fn(src / name), tmp / name, dtype=dtype, config_overrides=config_overrides,
-                               source_path=src / name, on_tensor=on_tensor)
+        for name, source in zip(EXPERT_DIRS, sources):
+            manifest = convert(open_fn(source), tmp / name, dtype=dtype, config_overrides=config_overrides,
+                               source_path=source, on_tensor=on_tensor)
             configs[name] = manifest["config"]
         if configs[EXPERT_DIRS[0]] != configs[EXPERT_DIRS[1]]:
             raise CheckpointError(f"{src}: the two experts have different configs: {configs}")
         cfg = WanConfig.from_dict(configs[EXPERT_DIRS[0]])
         manifest = {"kind": EXPERTS_KIND, "config": cfg.to_dict(), "source": str(src),
                     "boundary": boundary if boundary is not None else default_boundary(cfg),
-                    "experts": list(EXPERT_DIRS)}
+                    "experts": list(EXPERT_DIRS), "expert_sources": [source.name for source in sources],
+                    "scheduler": scheduler}
         ckpt.write_manifest(tmp, manifest)
     return manifest
 
 
-def load_experts(folder: str | Path, **load_kwargs):
-    """Loads a converted expert pair as `ExpertPair` (high-noise expert while t >= boundary·1000)."""
+def load_experts(folder: str | Path, *, shardings: Mapping[str, jax.sharding.Sharding] | None = None,
+                 **load_kwargs):
+    """Loads a converted expert pair as `ExpertPair` (high-noise expert while t >= boundary·1000), each expert
+    restored straight into `shardings` (one expert's flat shardings, used for both)."""
     from wm_jax.models.wan import ExpertPair
 
     manifest = ckpt.read_manifest(folder, kind=EXPERTS_KIND)
     folder = Path(folder)
-    return ExpertPair(high_noise=load(folder / EXPERT_DIRS[0], **load_kwargs),
-                      low_noise=load(folder / EXPERT_DIRS[1], **load_kwargs), boundary=manifest["boundary"])
+    high, low = (load(folder / name, shardings=shardings, **load_kwargs) for name in EXPERT_DIRS)
+    return ExpertPair(high_noise=high, low_noise=low, boundary=manifest["boundary"])

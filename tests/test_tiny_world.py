@@ -28,7 +28,7 @@ class Roller:
     def __init__(self, random_weights: bool):
         options = RunOptions(slug="tiny", num_devices=1, random_weights=random_weights)
         self.recipe, self.plan, _ = resolve(options)
-        parts = load_parts(self.recipe, self.plan, options, jnp.float32)
+        _, parts = load_parts(self.recipe, self.plan, options, jnp.float32)
         self.rollout = WorldRollout(self.recipe, self.plan, parts.dit, parts.decoder, seed=self.recipe.seed,
                                     vae_encoder=parts.vae_encoder)
         self.text = parts.encode_prompt(self.recipe.prompt)

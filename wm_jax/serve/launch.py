@@ -40,7 +40,7 @@ def build_world(options: RunOptions, log: Callable[[str], None] = print, state_d
         log(note)
     start = time.perf_counter()
     log(f"loading {recipe.slug} ({plan.pixel_height}x{plan.pixel_width}, {plan.num_devices} device(s))")
-    parts = load_parts(recipe, plan, options, compute_dtype_of(options.compute_dtype))
+    recipe, parts = load_parts(recipe, plan, options, compute_dtype_of(options.compute_dtype))
     world = LiveWorld(recipe, plan, parts, prompt=prompt, image=image,
                       intrinsics=intrinsics if recipe.task == "i2v_camera" else None, seed=recipe.seed)
     world.reset()

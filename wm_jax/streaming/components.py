@@ -2,7 +2,9 @@
 
 Random-weight recipes (`tiny`) build everything from a seed. Real recipes load converted folders from
 the checkpoint folder DIR (`DIR/dit`, `DIR/text_encoder`, `DIR/vae`, `DIR/decoder`), downloading and
-converting any missing component from the recipe's hub files first.
+converting any missing component from the recipe's hub files first. A two-expert recipe (`boundary`
+set) has both experts in `DIR/dit` (`converters.wan_dit.convert_experts`) and takes its schedule shift
+from the checkpoint's scheduler config (`Components.shift`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from flax import nnx
 
 from wm_jax.io.safetensors_io import CheckpointError
 from wm_jax.models.config import WanConfig, preset
-from wm_jax.models.wan import WanModel
+from wm_jax.models.wan import ExpertPair, WanModel
 from wm_jax.models.wan_vae import VAE_STRIDE
 from wm_jax.parallel.sharding import create_sharded, flat_param_shardings, param_shardings, replicated_shardings
 from wm_jax.streaming.decoders import Decoder, on_mesh, taehv_decoder, wan_vae_decoder
@@ -29,11 +31,12 @@ from wm_jax.streaming.recipes import HubFiles, Recipe
 
 @dataclass
 class Components:
-    dit: WanModel
+    dit: WanModel | ExpertPair
     decoder: Decoder
     vae_encoder: Any | None
     encode_prompt: Callable[[str], np.ndarray]  # prompt -> [1, L, text_dim] float32 (real tokens only)
     description: dict[str, str]
+    shift: float | None = None  # the schedule shift the checkpoint's scheduler config states, if any
 
 
 def model_config(recipe: Recipe) -> WanConfig:
@@ -56,8 +59,10 @@ def build_random(recipe: Recipe, plan: RolloutPlan, seed: int, compute_dtype=jnp
     if recipe.decoder != "wan_vae":
         raise ValueError(f"recipe {recipe.slug}: random weights are only wired for the Wan VAE decoder")
     mesh, rules = plan.mesh, plan.rules
-    dit = create_sharded(lambda: WanModel(cfg, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype),
-                         lambda state: param_shardings(state, rules, mesh))
+    experts = [create_sharded(lambda s=s: WanModel(cfg, rngs=nnx.Rngs(s), compute_dtype=compute_dtype),
+                              lambda state: param_shardings(state, rules, mesh))
+               for s in ([seed] if recipe.boundary is None else [seed, seed + 2])]
+    dit = experts[0] if recipe.boundary is None else ExpertPair(*experts, boundary=recipe.boundary)
     vae = create_sharded(lambda: WanVAE(WanVAEConfig(**recipe.vae_config), rngs=nnx.Rngs(seed + 1)),
                          lambda state: replicated_shardings(state, mesh))
     return Components(dit=dit, decoder=wan_vae_decoder(vae),
@@ -105,10 +110,13 @@ COMPONENT_KINDS = {"dit": "wan_dit", "text_encoder": "umt5", "vae": "wan_vae", "
 
 
 def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pickle: bool,
-                     cache_dir: str | None = None) -> Path:
-    """`folder` if it already holds a converted component, else download + convert it there."""
+                     cache_dir: str | None = None, experts: bool = False) -> Path:
+    """`folder` if it already holds a converted component, else download + convert it there (`experts`: a
+    two-expert DiT, converted with `converters.wan_dit.convert_experts`)."""
     import converters
+    from converters import wan_dit
     from wm_jax.io.hub import HubError, download
+    from wm_jax.io.tensor_sources import open_source
 
     if (folder / "wm_jax.json").is_file():
         return folder
@@ -126,7 +134,11 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
     if not src.exists():
         raise HubError(f"{hub.repo}: the download (files {list(hub.allow_patterns)}) has no {hub.path!r}, the {name} "
                        f"weights this recipe converts")
-    converters.convert_path(src, folder, kind=COMPONENT_KINDS[name], allow_pickle=allow_pickle)
+    if experts:
+        wan_dit.convert_experts(src, folder, open_fn=lambda p: open_source(
+            p, allow_pickle=allow_pickle, prefer_entries=converters.PREFERRED_ENTRIES))
+    else:
+        converters.convert_path(src, folder, kind=COMPONENT_KINDS[name], allow_pickle=allow_pickle)
     return folder
 
 
@@ -152,9 +164,18 @@ def dit_config(recipe: Recipe, checkpoint_dir: str | Path | None) -> WanConfig:
     recipe's preset. Read before any weight is loaded, so the rollout plan is validated first."""
     from wm_jax.io.checkpoint import read_manifest
 
+    from converters.wan_dit import EXPERTS_KIND, KIND
+
     folder = Path(checkpoint_dir) / "dit" if checkpoint_dir else None
     if folder is not None and (folder / "wm_jax.json").is_file():
-        return WanConfig.from_dict(read_manifest(folder, kind="wan_dit")["config"])
+        kind = EXPERTS_KIND if recipe.boundary is not None else KIND
+        manifest = read_manifest(folder)
+        if manifest.get("kind") != kind:
+            needs = "two experts" if recipe.boundary is not None else "one DiT"
+            raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint; recipe {recipe.slug} "
+                                  f"needs {needs} ({kind!r}): convert {'both experts' if recipe.boundary else 'one'} "
+                                  "there, or use another {checkpoint}")
+        return WanConfig.from_dict(manifest["config"])
     return model_config(recipe)
 
 
@@ -185,16 +206,21 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
     from converters import wan_dit
     from converters import wan_vae as wan_vae_conv
     from converters.umt5 import load_text_encoder
+    from wm_jax.io import checkpoint as ckpt
 
     root = Path(checkpoint_dir)
     hubs = dict(recipe.weights)
-    if dit_hub_repo:
-        hubs["dit"] = HubFiles(dit_hub_repo, ("*.safetensors", "*.json"), "")
+    if dit_hub_repo:  # the recipe's expert folders from another repo, or any one DiT's weights
+        patterns = recipe.weights["dit"].allow_patterns if recipe.boundary is not None else ("*.safetensors", "*.json")
+        hubs["dit"] = HubFiles(dit_hub_repo, patterns, "")
     names = ["dit", *(["vae"] if recipe.decoder == "wan_vae" or recipe.encodes_image else []),
              *(["decoder"] if recipe.decoder != "wan_vae" else []), "text_encoder"]
 
+    experts = recipe.boundary is not None
+
     def ensure(name: str) -> Path:
-        return ensure_component(name, root / name, hubs.get(name), allow_pickle=allow_pickle, cache_dir=cache_dir)
+        return ensure_component(name, root / name, hubs.get(name), allow_pickle=allow_pickle, cache_dir=cache_dir,
+                                experts=experts and name == "dit")
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -208,10 +234,17 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
     mesh, rules = plan.mesh, plan.rules
     config = dit_config(recipe, root)
     check_plan(plan, config, folder["dit"])
-    wan_dit.check_frames_per_block(folder["dit"], recipe.chunk_frames, recipe.slug)
     abstract = nnx.state(nnx.eval_shape(lambda: WanModel(config, compute_dtype=compute_dtype)))
-    dit = wan_dit.load(folder["dit"], compute_dtype=compute_dtype,
-                       shardings=flat_param_shardings(abstract, rules, mesh))
+    shardings = flat_param_shardings(abstract, rules, mesh)
+    shift = None
+    if experts:
+        dit = wan_dit.load_experts(folder["dit"], compute_dtype=compute_dtype, shardings=shardings)
+        dit.boundary = recipe.boundary  # the sampler's (FastVideo's boundary_ratio), not the architecture's default
+        scheduler = ckpt.read_manifest(folder["dit"]).get("scheduler")
+        shift = None if scheduler is None else scheduler["shift"]
+    else:
+        wan_dit.check_frames_per_block(folder["dit"], recipe.chunk_frames, recipe.slug)
+        dit = wan_dit.load(folder["dit"], compute_dtype=compute_dtype, shardings=shardings)
     vae = None
     if "vae" in folder:
         vae = on_mesh(wan_vae_conv.load(folder["vae"]), mesh)
@@ -224,4 +257,4 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
     check_compatible(recipe, dit.config, text.config.dim, root)
     return Components(dit=dit, decoder=decoder, vae_encoder=vae if recipe.encodes_image else None,
                       encode_prompt=lambda p: np.asarray(text.encode([p])[0], np.float32)[None],
-                      description={"weights": str(root), "text": "umT5"})
+                      description={"weights": str(root), "text": "umT5"}, shift=shift)

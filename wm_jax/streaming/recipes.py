@@ -10,7 +10,8 @@ import dataclasses
 import importlib
 from dataclasses import dataclass, field
 
-from wm_jax.streaming.schedules import BlockSchedules, StepSchedule, lingbot_fast_schedule, self_forcing_schedule
+from wm_jax.streaming.schedules import (BlockSchedules, StepSchedule, boundary_schedule, lingbot_fast_schedule,
+                                        self_forcing_schedule)
 
 SLUGS = {
     "tiny": "configs.tiny",
@@ -26,6 +27,8 @@ SLUGS = {
     "causal-forcing-wan2.1-i2v-1.3b-framewise": "configs.causal_forcing_wan21_i2v_1_3b_framewise",
     "causvid-wan2.1-t2v-1.3b": "configs.causvid_wan21_t2v_1_3b",
     "causvid-wan2.1-t2v-1.3b-warp-4step": "configs.causvid_wan21_t2v_1_3b_warp_4step",
+    "causal-wan2.2-t2v-a14b": "configs.causal_wan22_t2v_a14b",
+    "causal-wan2.2-i2v-a14b": "configs.causal_wan22_i2v_a14b",
 }
 
 
@@ -47,15 +50,18 @@ class Recipe:
       slug: command-line name.
       model: WanConfig preset name (`wm_jax.models.config.PRESETS`), or a dict of WanConfig fields.
       task: "t2v" (text only), "i2v_camera" (LingBot: image + camera trajectory, the image latent in
-        every chunk's conditioning channels) or "i2v_first_latent" (Causal-Forcing: a T2V network; the
-        image's latent is committed at t = 0 as latent frame 0, output as the first frame, and generation
-        continues from frame 1; frame-wise recipes only).
+        every chunk's conditioning channels) or "i2v_first_latent" (Causal-Forcing, causal Wan2.2: a T2V
+        network; the image's latent is committed at t = 0 as latent frame 0, output as the first frame, and
+        generation continues from frame 1; needs a 1-frame first chunk).
       schedule: "self_forcing" or "lingbot_fast"; `shift` and `steps` (Self-Forcing step list) or
         `step_indices` (LingBot table indices) parameterise it. `warp` False feeds Self-Forcing steps
         to the network unwarped (CausVid's 3-step model).
       first_block_steps: the first generated block's own list, in the same terms as `steps` /
         `step_indices` (Causal-Forcing++: 4 steps on block 0, then the short list); None = the same.
       chunk_frames: latent frames per AR step (3 chunk-wise, 1 frame-wise).
+      first_chunk_frames: latent frames of the first AR step when it differs (causal Wan2.2: 1); None = chunk_frames.
+      boundary: two-expert models (causal Wan2.2): passes at t >= boundary·1000 run the high-noise expert,
+        with FastVideo's boundary rule (`wm_jax.streaming.schedules.boundary_schedule`); None = one network.
       sink_frames / window_frames: KV cache in FlashDreams' terms: `window_frames` recent latent
         frames INCLUDING the current chunk, plus `sink_frames` never evicted; window None = keep
         every frame of the rollout.
@@ -87,6 +93,8 @@ class Recipe:
     warp: bool = True
     first_block_steps: tuple[float, ...] | None = None
     chunk_frames: int = 3
+    first_chunk_frames: int | None = None
+    boundary: float | None = None
     sink_frames: int = 0
     window_frames: int | None = None
     fps: int = 16
@@ -106,6 +114,8 @@ class Recipe:
 
     def step_schedule(self, steps=None) -> StepSchedule:
         """The schedule of `steps` (default: the recipe's list, which every block after the first runs)."""
+        if self.schedule == "self_forcing" and self.boundary is not None:
+            return boundary_schedule(self.shift, self.steps if steps is None else steps, self.boundary)
         if self.schedule == "self_forcing":
             return self_forcing_schedule(self.shift, self.steps if steps is None else steps, warp=self.warp)
         if self.schedule == "lingbot_fast":

@@ -373,7 +373,9 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def load_parts(recipe: Recipe, plan: RolloutPlan, options: RunOptions, compute_dtype):
     """The recipe's components on the plan's mesh: seeded random weights, `options.checkpoint`'s (downloaded
-    and converted there where missing), or else the trained world shipped with the package."""
+    and converted there where missing), or else the trained world shipped with the package; and the recipe
+    with the checkpoint's own settings applied (the shift its scheduler config states, unless the shift
+    option is given). Returns (recipe, components)."""
     from wm_jax.streaming.components import build_random, load_components, load_shipped
 
     if recipe.random_weights:
@@ -387,7 +389,9 @@ def load_parts(recipe: Recipe, plan: RolloutPlan, options: RunOptions, compute_d
         parts = load_components(recipe, plan, options.checkpoint, compute_dtype=compute_dtype,
                                 dit_hub_repo=options.hub_repo, allow_pickle=options.allow_pickle)
     parts.dit.attention_impl = recipe.attention  # `resolve` applied the attention option to the recipe
-    return parts
+    if parts.shift is not None and options.shift is None:
+        recipe = recipe.replace(shift=parts.shift)
+    return recipe, parts
 
 
 def attention_backend(cfg, implementation: str, plan: RolloutPlan, compute_dtype) -> str:
@@ -467,7 +471,8 @@ def _run(options: RunOptions, say: Callable[[str], None], folder: OutputFolder, 
         where = "does not exist yet" if not Path(options.checkpoint).exists() else "not converted there yet"
         say(f"downloading {', '.join(missing)} into {options.checkpoint} ({where})")
     start = time.perf_counter()
-    parts = load_parts(recipe, plan, options, compute_dtype)
+    recipe, parts = load_parts(recipe, plan, options, compute_dtype)
+    resolved.update(recipe_settings(recipe))  # the checkpoint's schedule shift, where it states one
     text_features = parts.encode_prompt(prompt)
     parts.encode_prompt = None  # frees the text encoder (umT5-XXL: ~11 GB in bf16) before the rollout allocates
     rollout = WorldRollout(recipe, plan, parts.dit, parts.decoder, seed=recipe.seed, vae_encoder=parts.vae_encoder)
