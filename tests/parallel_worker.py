@@ -190,7 +190,7 @@ LATENT_CHUNK, NUM_CHUNKS = 3, 4
 
 def _cases():
     from wm_jax.models.config import CAMERA_FOLD, WanConfig
-    from wm_jax.streaming.schedules import lingbot_fast_schedule, self_forcing_schedule
+    from wm_jax.streaming.schedules import boundary_schedule, lingbot_fast_schedule, self_forcing_schedule
 
     return {
         # Self-Forcing shape: t2v, float modulation in the compute dtype, 4 heads; latent 4x8 -> 8 tokens per
@@ -204,12 +204,25 @@ def _cases():
         "lingbot_fast": dict(config=WanConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, in_dim=36,
                                               text_dim=64, camera_channels=6 * CAMERA_FOLD**2),
                              schedule=lingbot_fast_schedule(), latent=(4, 6), sink=3, ring=4),
+        # causal Wan2.2 shape: two experts (3 high-noise passes, then 5 low-noise, one cache each, the
+        # high-noise expert's text K/V shared), a 1-frame first chunk then 3-frame chunks.
+        "causal_wan22": dict(config=WanConfig(dim=256, ffn_dim=512, num_heads=4, num_layers=2, text_dim=64),
+                             schedule=boundary_schedule(5.0, (1000, 850, 700, 550, 350, 275, 200, 125), 0.875),
+                             latent=(4, 8), sink=1, ring=4, experts=2, first_chunk=1),
     }
 
 
-def _model(config):
+def _model(config, experts: int = 1):
     """The same weights on every run: seed 0, then every parameter perturbed (modulation tables and norm
-    scales start at 0 / 1: no path is an identity)."""
+    scales start at 0 / 1: no path is an identity); with 2 experts, an `ExpertPair` perturbed apart."""
+    if experts == 2:
+        from wm_jax.models.wan import ExpertPair
+
+        return ExpertPair(_one_model(config, 11), _one_model(config, 12), boundary=0.875)
+    return _one_model(config, 11)
+
+
+def _one_model(config, perturbation_seed: int):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -218,7 +231,7 @@ def _model(config):
 
     model = WanModel(config, rngs=nnx.Rngs(0), compute_dtype=jnp.float32, attention_impl="xla")
     leaves, treedef = jax.tree_util.tree_flatten(nnx.state(model, nnx.Param))
-    keys = jax.random.split(jax.random.key(11), len(leaves))
+    keys = jax.random.split(jax.random.key(perturbation_seed), len(leaves))
     leaves = [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
     return model
@@ -238,9 +251,9 @@ def _stream(case: dict, model, num_devices: int, rules=None, *, mesh=None, read_
     cfg, (lat_h, lat_w) = case["config"], case["latent"]
     plan = RolloutPlan.create(cfg, mesh or make_mesh(num_devices), pixel_height=8 * lat_h, pixel_width=8 * lat_w,
                               chunk_frames=LATENT_CHUNK, total_blocks=NUM_CHUNKS, sink_frames=case["sink"],
-                              ring_frames=case["ring"], rules=rules)
+                              ring_frames=case["ring"], rules=rules, first_chunk_frames=case.get("first_chunk"))
     step = StreamingStep(model, case["schedule"], plan)
-    frames = NUM_CHUNKS * LATENT_CHUNK
+    frames = plan.latent_frames
     rng = np.random.default_rng(7)
     text = rng.standard_normal((1, 7, cfg.text_dim), np.float32)
     y = (rng.standard_normal((1, frames, lat_h, lat_w, cfg.in_dim - cfg.out_dim), np.float32)
@@ -252,13 +265,15 @@ def _stream(case: dict, model, num_devices: int, rules=None, *, mesh=None, read_
     cache = step.init_cache(jnp.float32)
     x0s = []
     for c in range(NUM_CHUNKS):
-        window = slice(c * LATENT_CHUNK, (c + 1) * LATENT_CHUNK)
+        window = slice(plan.first_frame_of(c), plan.first_frame_of(c) + plan.frames_of(c))
         inputs = step.whole(ChunkInputs(y=None if y is None else y[:, window],
                                         camera=None if camera is None else camera[:, window]))
-        noise = step.whole(chunk_noise(key, c, case["schedule"].num_steps, plan.chunk_shape))
+        noise = step.whole(chunk_noise(key, c, case["schedule"].num_steps, plan.chunk_shape_of(c)))
         x0 = step.denoise(step.params, cache, cross_kv, noise, inputs)
         cache = step.commit(step.params, cache, cross_kv, x0, inputs)
         x0s.append(to_host(x0))
+    caches = step.caches(cache)  # one per expert
+    cache = caches[0]
     x0_devices = sorted(d.id for d in x0.sharding.device_set)
     k_shards = sorted(cache.k.addressable_shards, key=lambda s: s.device.id)  # (this process's devices)
     info = {
@@ -279,8 +294,9 @@ def _stream(case: dict, model, num_devices: int, rules=None, *, mesh=None, read_
     }
     if not read_cache:  # (a cache spread over several processes cannot be read by one)
         return x0s, None, info
-    # the cache holds the padded heads; the real ones are the first num_heads on every device count
-    k, v = np.asarray(cache.k), np.asarray(cache.v)
+    # the cache holds the padded heads; the real ones are the first num_heads on every device count (the
+    # experts' caches stacked along the layer axis)
+    k, v = (np.concatenate([np.asarray(getattr(c, name)) for c in caches]) for name in ("k", "v"))
     info["padded_heads_max_abs"] = float(max(np.abs(k[:, :, :, cfg.num_heads:]).max(initial=0.0),
                                              np.abs(v[:, :, :, cfg.num_heads:]).max(initial=0.0)))
     return x0s, (k[:, :, :, : cfg.num_heads], v[:, :, :, : cfg.num_heads]), info
@@ -311,7 +327,7 @@ def worker_main(out_dir: str) -> None:
     cases = _cases()
     sharded_context = ShardingRules(context_heads="sp")
     for name, case in cases.items():
-        model = _model(case["config"])
+        model = _model(case["config"], case.get("experts", 1))
         variants = [(str(n), n, None) for n in MESH_SIZES]
         if case["config"].num_heads % HOST_DEVICES == 0:  # head-sharded cross-attention K/V where they divide
             variants.append((f"{HOST_DEVICES}_context_heads_sharded", HOST_DEVICES, sharded_context))

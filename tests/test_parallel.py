@@ -4,7 +4,8 @@ Devices are simulated on the CPU (`--xla_force_host_platform_device_count=4`, se
 every run here is a subprocess (helpers: tests/parallel_worker.py):
 
   * the streaming step itself: one subprocess with 4 devices builds meshes of 1, 2 and 4 devices and
-    streams a Self-Forcing-shaped and a LingBot-fast-shaped tiny model (I2V y + 384 camera channels)
+    streams a Self-Forcing-shaped and a LingBot-fast-shaped tiny model (I2V y + 384 camera channels) and
+    a causal-Wan2.2-shaped expert pair (8 passes split 3 / 5, a 1-frame first chunk, one cache per expert)
     through `StreamingStep`, 4 chunks through a sink + ring cache that wraps. The LingBot shape has 6
     tokens per frame and 2 heads (both padded on 4 devices), the Self-Forcing one 8 tokens and 4 heads
     (no padding). Every chunk's x0 and the final cache must agree with the 1-device run, and the cache
@@ -30,7 +31,7 @@ import pytest
 from tests.parallel_worker import (HOST_DEVICES, MESH_SIZES, NUM_CHUNKS, TOLERANCE, cli, device_env, relative_l2,
                                    run_together, tiny_outputs, tiny_runs)
 
-CASES = ("self_forcing", "lingbot_fast")
+CASES = ("self_forcing", "lingbot_fast", "causal_wan22")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def test_the_cache_is_split_by_heads_across_the_devices(streamed, case):
         for s in shards:
             assert s["shape"] == [*info["cache_k_shape"][:3], heads // n, info["cache_k_shape"][4]], (label, s)
         assert len({s["index"] for s in shards}) == n, f"{label}: devices hold the same heads {shards}"
-        assert info["committed_frames"] == NUM_CHUNKS * 3
+        first = 1 if case == "causal_wan22" else 3  # its 1-frame first chunk
+        assert info["committed_frames"] == first + (NUM_CHUNKS - 1) * 3
 
 
 def test_padding_is_exercised(streamed):
