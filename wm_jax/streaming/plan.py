@@ -249,9 +249,13 @@ def aspect_resolution(image_height: int, image_width: int, max_area: int) -> tup
                   for a, stride, patch in ((aspect, VAE_STRIDE[1], PATCH_SIZE[1]),
                                            (1 / aspect, VAE_STRIDE[2], PATCH_SIZE[2])))
     if min(sides) <= 0:
+        side = VAE_STRIDE[1] * PATCH_SIZE[1]  # one token
+        other = max(side, max_area // side // side * side)
+        nearest = (side, other) if sides[0] <= 0 else (other, side)
         raise OptionError("image", f"{{image}} is {image_height}x{image_width}: at {max_area} pixels that aspect "
-                                   f"gives a {sides[0]}x{sides[1]} video, no whole token on one side; use an "
-                                   "image nearer 480x832 or set {pixel_height} and {pixel_width}")
+                                   f"gives a {sides[0]}x{sides[1]} video, no whole token on one side; the nearest "
+                                   f"valid size is {nearest[0]}x{nearest[1]}: set {{pixel_height}} {nearest[0]} and "
+                                   f"{{pixel_width}} {nearest[1]}, or use an image nearer 480x832")
     return sides
 
 
