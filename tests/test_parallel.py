@@ -223,7 +223,7 @@ def test_wm_jax_run_tiny_gives_the_same_latents_on_any_device_count(tiny, num_de
 # (c) golden parity on 4 devices
 # ---------------------------------------------------------------------------------------------------
 
-GOLDEN_CASES = ("self_forcing_rollout", "lingbot_fast_rollout")
+GOLDEN_CASES = ("self_forcing_rollout", "lingbot_fast_rollout", "lingbot_v2_rollout", "causal_forcing_rollout")
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_golden_rollout_passes_on_4_devices(parity_on_4_devices, case):
     result = parity_on_4_devices[case]
     assert result.returncode == 0, result.describe()
     assert "PASS" in result.stdout, result.describe()
-    # both golden models have 2 heads: the plan's padding warning shows the run used the 4 devices
+    # every golden model has 2 heads: the plan's padding warning shows the run used the 4 devices
     assert "4 devices do not divide the model's 2 heads" in result.stderr, result.describe()
 
 
