@@ -272,7 +272,7 @@ def _stream(case: dict, model, num_devices: int, rules=None, *, mesh=None, read_
         x0 = step.denoise(step.params, cache, cross_kv, noise, inputs)
         cache = step.commit(step.params, cache, cross_kv, x0, inputs)
         x0s.append(to_host(x0))
-    caches = step.caches(cache)  # one per expert
+    caches = step.per_expert(cache)  # one per expert
     cache = caches[0]
     x0_devices = sorted(d.id for d in x0.sharding.device_set)
     k_shards = sorted(cache.k.addressable_shards, key=lambda s: s.device.id)  # (this process's devices)

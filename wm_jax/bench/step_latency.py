@@ -59,7 +59,7 @@ from wm_jax.errors import OptionError
 from wm_jax.io.video import frames_to_uint8
 from wm_jax.kernels import ATTENTION_IMPLEMENTATIONS
 from wm_jax.models.config import WanConfig, preset
-from wm_jax.models.wan import WanModel
+from wm_jax.models.wan import ExpertPair, WanModel
 from wm_jax.parallel.mesh import SEQUENCE_AXIS, local_replica, make_mesh, put_replicated
 from wm_jax.parallel.sharding import ShardingRules, flat_param_shardings
 from wm_jax.streaming.decoders import on_mesh
@@ -298,7 +298,7 @@ def our_forward(step: StreamingStep, plan: RolloutPlan, cfg: WanConfig, opts: Be
 
     @jax.jit
     def forward(params, x, t, text, y):
-        return nnx.merge(step.graphdef, params)(x, t, text, y=y)
+        return nnx.merge(step.graphdef, step.per_expert(params)[0])(x, t, text, y=y)
 
     start = time.perf_counter()
     compiled = forward.lower(step.params, x, t, text, y).compile()
@@ -361,7 +361,7 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
     """Ours with the one attention backend `opts.attention[0]`: build, compile, warm-up and timed rollouts."""
     dtype = jnp.dtype(opts.dtype)
     mesh = plan.mesh
-    lat_h, lat_w, chunk, tpf = plan.latent_height, plan.latent_width, plan.chunk_frames, plan.tokens_per_frame
+    lat_h, lat_w, tpf = plan.latent_height, plan.latent_width, plan.tokens_per_frame
     layout = plan.cache
     schedule = recipe.step_schedule()
     k = schedule.num_steps
@@ -373,10 +373,15 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
 
     # ---- build: weights on the devices in their sharding, one parameter at a time -----------------
     start = time.perf_counter()
-    model = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype,
-                                            attention_impl=opts.attention[0]))
-    n_params = fill_random_params(model, seed=opts.seed,
-                                  shardings=flat_param_shardings(nnx.state(model), plan.rules, mesh))
+    experts, n_params = [], 0
+    for e in range(1 if recipe.boundary is None else 2):  # a two-expert recipe: both experts, other weights
+        expert = nnx.eval_shape(lambda: WanModel(cfg, rngs=nnx.Rngs(0), compute_dtype=dtype,
+                                                 attention_impl=opts.attention[0]))
+        n_params += fill_random_params(expert, seed=opts.seed + 100 * e,
+                                       shardings=flat_param_shardings(nnx.state(expert), plan.rules, mesh))
+        experts.append(expert)
+    model = experts[0] if recipe.boundary is None else ExpertPair(*experts, boundary=recipe.boundary)
+    forwards_per_commit = len(experts)  # every expert commits the clean chunk to its own cache
     step = StreamingStep(model, schedule, plan)
     weight_bytes = tree_bytes(step.params)
     build_s = time.perf_counter() - start
@@ -391,15 +396,19 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
                               jax.eval_shape(step.init_cache), step.cache_sharding)  # a real one per rollout only
     cache_bytes = tree_bytes(cache_spec)
 
-    noise_fn = jax.jit(lambda key, i: chunk_noise(key, i, k, plan.chunk_shape, jnp.float32),
+    noise_fn = jax.jit(lambda key, i, shape: chunk_noise(key, i, k, shape, jnp.float32), static_argnums=2,
                        out_shardings=step.replicated)
-    cond_sets = []
-    for s in range(2):  # random conditioning, rotated between chunks
-        ks = jax.random.split(jax.random.fold_in(key, 100 + s), 2)
-        y = jax.random.normal(ks[0], plan.condition_shape, jnp.float32) if i2v else None
-        cam = (jax.random.normal(ks[1], (*plan.chunk_shape[:4], cfg.camera_channels), jnp.float32)
-               if cfg.camera_channels else None)
-        cond_sets.append(step.whole(ChunkInputs(y=y, camera=cam)))
+    frame_counts = plan.chunk_frame_counts  # chunk 0 may be shorter (causal Wan2.2): programs per length
+    cond_sets = {}
+    for frames in frame_counts:
+        cond_sets[frames] = []
+        for s in range(2):  # random conditioning, rotated between chunks
+            ks = jax.random.split(jax.random.fold_in(key, 100 + s), 2)
+            y = (jax.random.normal(ks[0], (1, frames, lat_h, lat_w, plan.condition_channels), jnp.float32)
+                 if i2v else None)
+            cam = (jax.random.normal(ks[1], (1, frames, lat_h, lat_w, cfg.camera_channels), jnp.float32)
+                   if cfg.camera_channels else None)
+            cond_sets[frames].append(step.whole(ChunkInputs(y=y, camera=cam)))
 
     decoders, encoder_vae = [], None
     for i, name in enumerate(opts.decoders):
@@ -413,15 +422,18 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
         _, encoder_vae = make_wan_vae(opts.vae_dim, dtype, seed=opts.seed + 20, mesh=mesh, config=recipe.vae_config)
     end_to_end_decoder = recipe.decoder if recipe.decoder in opts.decoders else (opts.decoders[0] if decoders else None)
 
-    # ---- compile ahead of time, like the engine -------------------------------------------------
-    noise0 = block(noise_fn(key, 0))
-    start = time.perf_counter()
-    denoise = step.denoise.lower(step.params, cache_spec, cross, noise0, cond_sets[0]).compile()
-    denoise_compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    x0_spec = jax.ShapeDtypeStruct(noise0.shape[1:], jnp.float32, sharding=step.replicated)
-    commit = step.commit.lower(step.params, cache_spec, cross, x0_spec, cond_sets[0]).compile()
-    commit_compile_s = time.perf_counter() - start
+    # ---- compile ahead of time, like the engine: one denoise and one commit per chunk length ------
+    denoise, commit, denoise_compile_s, commit_compile_s = {}, {}, 0.0, 0.0
+    for frames in frame_counts:
+        shape = (1, frames, lat_h, lat_w, plan.latent_channels)
+        noise0 = block(noise_fn(key, 0, shape))
+        start = time.perf_counter()
+        denoise[frames] = step.denoise.lower(step.params, cache_spec, cross, noise0, cond_sets[frames][0]).compile()
+        denoise_compile_s += time.perf_counter() - start
+        start = time.perf_counter()
+        x0_spec = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=step.replicated)
+        commit[frames] = step.commit.lower(step.params, cache_spec, cross, x0_spec, cond_sets[frames][0]).compile()
+        commit_compile_s += time.perf_counter() - start
     log(f"built {n_params / 1e9:.3f} B params in {build_s:.1f} s; compile denoise {denoise_compile_s:.1f} s, "
         f"commit {commit_compile_s:.1f} s")
 
@@ -443,24 +455,25 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
         enc_cache = (put_replicated(encoder_vae.init_encoder_cache(1, opts.pixel_height, opts.pixel_width), mesh)
                      if (opts.encode and i2v) else None)
         for i in range(plan.total_blocks):
-            valid_tokens = int(layout.valid_tokens(i * chunk))  # the cache the chunk attends to
-            noise = block(noise_fn(key, i))
-            inputs = cond_sets[i % len(cond_sets)]
+            valid_tokens = int(layout.valid_tokens(plan.first_frame_of(i)))  # the cache the chunk attends to
+            frames_i = plan.frames_of(i)
+            noise = block(noise_fn(key, i, plan.chunk_shape_of(i)))
+            inputs = cond_sets[frames_i][i % 2]
             encode_ms = 0.0
             if enc_cache is not None:
                 from wm_jax.models.wan_vae import i2v_condition_chunk
 
                 t = time.perf_counter()
-                y, enc_cache = block(i2v_condition_chunk(encoder_vae, enc_cache, chunk,
+                y, enc_cache = block(i2v_condition_chunk(encoder_vae, enc_cache, frames_i,
                                                          image=image if i == 0 else None))
                 encode_ms = (time.perf_counter() - t) * 1e3
                 inputs = ChunkInputs(y=y, camera=inputs.camera)
             if run_index == profile_run and i == profile_chunk:  # an extra, untimed denoise under the profiler
-                profile = profile_denoise(lambda: denoise(step.params, cache, cross, noise, inputs), k)
+                profile = profile_denoise(lambda: denoise[frames_i](step.params, cache, cross, noise, inputs), k)
             t0 = time.perf_counter()
-            x0 = block(denoise(step.params, cache, cross, noise, inputs))
+            x0 = block(denoise[frames_i](step.params, cache, cross, noise, inputs))
             t1 = time.perf_counter()
-            cache = block(commit(step.params, cache, cross, x0, inputs))
+            cache = block(commit[frames_i](step.params, cache, cross, x0, inputs))
             t2 = time.perf_counter()
             decode_ms, d2h_ms = {}, None
             z = x0.astype(dtype)
@@ -478,8 +491,8 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
             finite &= bool(jnp.isfinite(x0).all())
             if r < 0:
                 continue
-            den_flops = k * forward_flops(cfg, plan.chunk_tokens, valid_tokens)
-            com_flops = forward_flops(cfg, plan.chunk_tokens, valid_tokens)
+            den_flops = k * forward_flops(cfg, frames_i * tpf, valid_tokens)
+            com_flops = forwards_per_commit * forward_flops(cfg, frames_i * tpf, valid_tokens)
             den_ms, com_ms = (t1 - t0) * 1e3, (t2 - t1) * 1e3
             e2e_ms = encode_ms + den_ms + com_ms + (decode_ms[end_to_end_decoder] if end_to_end_decoder else 0.0)
             rec = {"rollout": r, "autoregressive_index": i, "valid_cache_frames": valid_tokens // tpf,

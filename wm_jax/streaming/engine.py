@@ -303,7 +303,7 @@ class WorldRollout:
         cross_kv = memory.tree_nbytes(jax.eval_shape(self.step._compute_cross_kv, self.step.params, text, None))
         return memory.MemoryEstimate(
             dit_weights=dit_weights,
-            kv_cache=sum(memory.tree_nbytes(c.k, c.v) for c in self.step.caches(cache)) // plan.num_devices,
+            kv_cache=sum(memory.tree_nbytes(c.k, c.v) for c in self.step.per_expert(cache)) // plan.num_devices,
             cross_kv=cross_kv // (plan.num_devices if plan.shards.context_heads_sharded else 1),
             vae_weights=vae_weights,
             vae_state=memory.tree_nbytes(*states),

@@ -123,12 +123,9 @@ class StreamingStep:
         """Per-expert trees -> the step's form: the tree itself for one model, a tuple for a pair."""
         return tuple(per_expert) if self.paired else per_expert[0]
 
-    def _unpack(self, tree) -> tuple:
+    def per_expert(self, tree) -> tuple:
+        """The step's params, cache (or any per-expert tree) -> one tree per expert (high-noise first)."""
         return tuple(tree) if self.paired else (tree,)
-
-    def caches(self, cache) -> tuple[KVCache, ...]:
-        """The cache of each expert (one for a single model)."""
-        return self._unpack(cache)
 
     def init_cache(self, dtype=None) -> KVCache | tuple[KVCache, KVCache]:
         """An empty cache (one per expert), created directly in its sharding (each device allocates only its
@@ -152,7 +149,7 @@ class StreamingStep:
         return put(tree, self.replicated)
 
     def _compute_cross_kv(self, params, text, image_tokens):
-        model = nnx.merge(self.graphdefs[0], self._unpack(params)[0])
+        model = nnx.merge(self.graphdefs[0], self.per_expert(params)[0])
         return model.cross_kv(model.embed_text(text), image_tokens)
 
     def _forward(self, expert: int, params, x, t, cross_kv, inputs: ChunkInputs, cache: KVCache):
@@ -177,7 +174,7 @@ class StreamingStep:
                     jnp.asarray(s.noise_scale), eps_next)
         x, first = noise[0].astype(jnp.float32), 0
         for expert, (expert_params, expert_cache, count) in enumerate(
-                zip(self._unpack(params), self._unpack(cache), s.expert_passes)):
+                zip(self.per_expert(params), self.per_expert(cache), s.expert_passes)):
             if count == 0:
                 continue
 
@@ -196,7 +193,7 @@ class StreamingStep:
         expert's cache (donated)."""
         t = jnp.zeros((), jnp.float32)
         updated = []
-        for expert, (expert_params, expert_cache) in enumerate(zip(self._unpack(params), self._unpack(cache))):
+        for expert, (expert_params, expert_cache) in enumerate(zip(self.per_expert(params), self.per_expert(cache))):
             _, (k, v) = self._forward(expert, expert_params, x0, t, cross_kv, inputs, expert_cache)
             updated.append(commit(expert_cache, self.layout, k, v))
         return self._pack(updated)
