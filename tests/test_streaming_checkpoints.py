@@ -49,6 +49,7 @@ from tests.wan_testlib import (TINY, make_tokenizer_folder, random_original_stat
                                random_taehv_state)
 
 LINGBOT, SELF_FORCING = "lingbot-world-fast", "self-forcing-wan2.1-t2v-1.3b-taehv"
+LINGBOT_V2, V2_REPO = "lingbot-world-v2-fast", "robbyant/lingbot-world-v2-14b-causal-fast"
 PROMPT = "a red fox jumps over the lazy dog"
 T5_FILE, VAE_FILE = "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
@@ -67,7 +68,10 @@ def tiny_recipes() -> dict:
         model=dict(TINY, num_heads=4, in_dim=36, out_dim=16, camera_channels=384), vae_config=dict(dim=8),
         **SHAPE)
     self_forcing = load_recipe(SELF_FORCING).replace(model=dict(TINY), prompt=PROMPT, **SHAPE)
-    return {LINGBOT: lingbot, SELF_FORCING: self_forcing}
+    # v2 sizes the video from the image at max_area pixels: a tiny area here (the aspect rule is kept)
+    v2 = load_recipe(LINGBOT_V2).replace(model=lingbot.model, vae_config=dict(dim=8), total_blocks=2,
+                                         max_area=64 * 96)
+    return {LINGBOT: lingbot, SELF_FORCING: self_forcing, LINGBOT_V2: v2}
 
 
 RECIPES = tiny_recipes()
@@ -111,6 +115,17 @@ def upstream(tmp_path_factory) -> dict[str, dict[str, Path]]:
     taehv = write("taew2_1.pth", lambda p: torch.save(as_torch(random_taehv_state(6, 16), torch.float16), p))
     readme = write("README.md", lambda p: p.write_text("model card\n"))
 
+    v2_shards = root / "v2" / "transformers"  # the v2 repo's layout: sharded original keys + index + config
+    v2_state = random_original_state(cfg, seed=7)
+    keys = list(v2_state)
+    weight_map = {}
+    for s in range(2):
+        name = f"diffusion_pytorch_model-{s + 1:05d}-of-00002.safetensors"
+        write(f"v2/transformers/{name}", lambda p, s=s: save_file({k: v2_state[k] for k in keys[s::2]}, str(p)))
+        weight_map.update({k: name for k in keys[s::2]})
+    write("v2/transformers/diffusion_pytorch_model.safetensors.index.json",
+          lambda p: p.write_text(json.dumps({"metadata": {}, "weight_map": weight_map})))
+    write("v2/transformers/config.json", lambda p: p.write_text(dit_config.read_text()))
     tokenizer_files = {f"{TOKENIZER_DIR}/{f.name}": f for f in tokenizer.iterdir()}
     text_repo = {T5_FILE: t5, **tokenizer_files, "README.md": readme}
     return {
@@ -120,6 +135,7 @@ def upstream(tmp_path_factory) -> dict[str, dict[str, Path]]:
         "gdhe17/Self-Forcing": {"checkpoints/self_forcing_dmd.pt": sf_dit, "README.md": readme},
         "Wan-AI/Wan2.1-T2V-1.3B": {**text_repo, VAE_FILE: vae},
         "madebyollin/taehv": {"taew2_1.pth": taehv, "taew2_2.pth": taehv, "README.md": readme},
+        V2_REPO: {**text_repo, VAE_FILE: vae, **{f"transformers/{p.name}": p for p in v2_shards.iterdir()}},
     }
 
 
@@ -291,6 +307,23 @@ def test_self_forcing_taehv_recipe_downloads_converts_and_streams(hub, text_prob
 
     run(RunOptions(**{**options.__dict__, "output_dir": str(tmp_path / "out2"), "total_blocks": 1}))
     assert len(hub.calls) == 3
+
+
+def test_lingbot_v2_recipe_converts_the_sharded_transformers_folder_and_streams(hub, text_probe, tmp_path):
+    """The v2 repo's layout: the DiT as `transformers/` shards + index + config.json (original keys, camera
+    layers), umT5 and the VAE as pickles in the same repo; the video size from the example image's aspect."""
+    report = run(RunOptions(slug=LINGBOT_V2, checkpoint=str(tmp_path / "ckpt"), output_dir=str(tmp_path / "out"),
+                            allow_pickle=True, example_data=True, example_idx=SHIPPED_EXAMPLE, prompt=PROMPT))
+    assert hub.calls == [(V2_REPO, ("transformers/*.safetensors", "transformers/*.json")),
+                         (V2_REPO, (VAE_FILE,)), (V2_REPO, (T5_FILE, "google/*"))]
+    assert hub.unmatched == []
+    manifests = check_checkpoint(tmp_path / "ckpt", {"dit": "wan_dit", "vae": "wan_vae", "text_encoder": "umt5"})
+    assert manifests["dit"]["num_tensors"] == len(random_original_state(model_config(RECIPES[LINGBOT_V2]), 7))
+    assert manifests["dit"]["config"]["num_heads"] == 4  # from transformers/config.json (shapes say 2)
+    np.testing.assert_array_equal(np.asarray(wan_dit.load(tmp_path / "ckpt" / "dit").head.linear.bias[...]),
+                                  random_original_state(model_config(RECIPES[LINGBOT_V2]), 7)["head.head.bias"])
+    stats = check_outputs(report, tmp_path / "out", LINGBOT_V2, frames=1 + 4 * 3 + 4 * 4)  # two 4-frame chunks
+    assert stats["config"]["plan"]["chunk_frames"] == 4
 
 
 # ---------------------------------------------------------------------------------------------------
