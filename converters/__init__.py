@@ -46,14 +46,23 @@ def detect_kind(keys: set[str]) -> str:
 
 
 def convert_path(src: str | os.PathLike, dst: str | os.PathLike, *, kind: str = "auto", allow_pickle: bool = False,
-                 **options) -> dict:
+                 boundary: float | None = None, **options) -> dict:
     """Converts the checkpoint at `src` (file, index or folder; a torch pickle only with `allow_pickle`)
     into the folder `dst` and returns its manifest. kind "auto" detects it from the keys; `options` go
-    to the converter's `convert` (overwrite, dtype, config_overrides, on_tensor)."""
+    to the converter's `convert` (overwrite, dtype, config_overrides, on_tensor). A two-expert folder
+    (`converters.wan_dit.expert_sources`) converts both experts (`boundary`: where they switch; None = the
+    architecture's)."""
+    from converters import wan_dit
     from wm_jax.io.tensor_sources import open_source
 
     src = Path(src)
-    source = open_source(src, allow_pickle=allow_pickle, prefer_entries=PREFERRED_ENTRIES)
+    open_fn = lambda path: open_source(path, allow_pickle=allow_pickle, prefer_entries=PREFERRED_ENTRIES)
+    if kind in ("auto", wan_dit.KIND) and wan_dit.is_expert_folder(src):
+        return wan_dit.convert_experts(src, dst, open_fn=open_fn, boundary=boundary, **options)
+    if boundary is not None:
+        raise CheckpointError(f"{src}: a boundary applies to two-expert folders only (expected "
+                              f"{'/ + '.join(wan_dit.EXPERT_DIRS)}/ or {'/ + '.join(wan_dit.DIFFUSERS_EXPERT_DIRS)}/)")
+    source = open_fn(src)
     kind = detect_kind(set(source.keys())) if kind == "auto" else kind
     if kind in READS_SOURCE_PATH:
         options["source_path"] = src

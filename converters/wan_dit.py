@@ -265,9 +265,10 @@ def training_frames_per_block(path: str | Path) -> tuple[int, str] | None:
     found = []
     config = folder / "config.json"
     if config.is_file():
-        value = json.loads(config.read_text()).get("num_frame_per_block")
-        if value is not None:
-            found.append((int(value), f"num_frame_per_block in {config}"))
+        data = json.loads(config.read_text())
+        for key in ("num_frame_per_block", "num_frames_per_block"):  # Self-Forcing's / FastVideo's spelling
+            if data.get(key) is not None:
+                found.append((int(data[key]), f"{key} in {config}"))
     for yaml_file in sorted(folder.glob("*.y*ml")):
         match = _BLOCK_FRAMES_LINE.search(yaml_file.read_text(errors="replace"))
         if match:
@@ -344,7 +345,7 @@ _EXPERT_WORDS = ("high-noise", "low-noise")
 
 # The flow-matching table wm_jax builds (`wm_jax.streaming.schedules`): FastVideo's
 # SelfForcingFlowMatchScheduler with these settings; its constructor defaults where a config omits a key.
-SCHEDULER_CLASSES = ("SelfForcingFlowMatchScheduler", "FlowMatchScheduler")
+SCHEDULER_CLASS = "SelfForcingFlowMatchScheduler"
 SCHEDULER_TABLE = {"num_inference_steps": (1000, 100), "num_train_timesteps": (1000, 1000), "sigma_max": (1.0, 1.0),
                    "sigma_min": (0.0, 0.003 / 1.002), "extra_one_step": (True, False),
                    "inverse_timesteps": (False, False), "reverse_sigmas": (False, False)}  # key: (needed, default)
@@ -363,7 +364,8 @@ def expert_sources(path: str | Path, *, required: bool = False) -> tuple[Path, P
                                   f"{'/ + '.join(DIFFUSERS_EXPERT_DIRS)}/)")
         return None
     index = path / "model_index.json"
-    listed = set(json.loads(index.read_text())) if index.is_file() else set()
+    components = json.loads(index.read_text()) if index.is_file() else {}
+    listed = {name for name, value in components.items() if value not in ([None, None], None)}  # [null, null]: unused
     for dirs in (EXPERT_DIRS, DIFFUSERS_EXPERT_DIRS):
         present = [(path / d).is_dir() for d in dirs]
         if all(present):
@@ -399,8 +401,8 @@ def read_scheduler(folder: str | Path) -> dict[str, Any] | None:
         return None
     config = json.loads(file.read_text())
     name = config.get("_class_name")
-    if name not in SCHEDULER_CLASSES:
-        raise CheckpointError(f"{file}: _class_name {name!r}; wm_jax builds the table of {SCHEDULER_CLASSES[0]}")
+    if name != SCHEDULER_CLASS:
+        raise CheckpointError(f"{file}: _class_name {name!r}; wm_jax builds the table of {SCHEDULER_CLASS}")
     for key, (needed, default) in SCHEDULER_TABLE.items():
         value = config.get(key, default)
         if value != needed:

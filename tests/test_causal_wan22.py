@@ -288,3 +288,88 @@ def test_rollout_matches_fastvideo_not_the_wrong_variants(t2v_case, t2v_streamed
         assert _relative_l2(ours, reference[c][0]) <= 1e-5, f"chunk {c}"
         for name, wrong in wrong_references.items():
             assert _relative_l2(ours, wrong[c][0]) > 1e-3, f"chunk {c} matches the {name}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# `boundary_schedule` itself, against FastVideo's formulas on its float32 table.
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shift, split", [(5.0, (3, 5)), (8.0, (4, 4)), (12.0, (4, 4))])
+def test_boundary_schedule_matches_fastvideos_updates(shift, split):
+    from wm_jax.streaming.schedules import boundary_schedule
+
+    schedule = boundary_schedule(shift, STEPS, BOUNDARY)
+    ts = warped_steps(STEPS, shift)
+    assert schedule.expert_passes == split
+    np.testing.assert_allclose(schedule.t, ts, rtol=1e-6)
+    sigma_b = np.float64(sigma_of(BOUNDARY * 1000, shift))
+    high = split[0]
+    for i, t in enumerate(ts):
+        sigma = np.float64(sigma_of(t, shift))
+        nxt = np.float64(sigma_of(ts[i + 1], shift)) if i + 1 < len(ts) else 0.0
+        flow = sigma - sigma_b if i < high else sigma  # `pred_noise_to_x_bound` / `pred_noise_to_pred_video`
+        if i + 1 < high:  # `add_noise_high`
+            signal = (1 - nxt) / (1 - sigma_b)
+            noise = np.sqrt(nxt ** 2 - (signal * sigma_b) ** 2)
+        elif i + 1 == high:  # the hand-off row: the boundary latent as it is
+            signal, noise = 1.0, 0.0
+        else:  # `add_noise`
+            signal, noise = 1 - nxt, nxt
+        got = (schedule.flow_scale[i], schedule.signal_scale[i], schedule.noise_scale[i])
+        np.testing.assert_allclose(got[:1], [flow], atol=1e-6, err_msg=f"pass {i} flow")
+        if i + 1 < len(ts):
+            np.testing.assert_allclose(got[1:], [signal, noise], atol=1e-6, err_msg=f"pass {i}")
+    assert (schedule.signal_scale[high - 1], schedule.noise_scale[high - 1]) == (1.0, 0.0)
+
+
+def test_boundary_schedule_refuses_lists_it_cannot_split():
+    from wm_jax.streaming.schedules import boundary_schedule
+
+    with pytest.raises(ValueError, match="the last pass must run the low-noise expert"):
+        boundary_schedule(5.0, (1000, 950), BOUNDARY)
+    with pytest.raises(ValueError, match="needs decreasing timesteps"):
+        boundary_schedule(5.0, (500, 1000), BOUNDARY)
+    low_only = boundary_schedule(5.0, (500, 250), BOUNDARY)  # no high-noise pass: the low expert runs both
+    assert low_only.expert_passes == (0, 2)
+
+
+def test_a_two_expert_recipe_takes_only_the_warped_self_forcing_schedule():
+    from wm_jax.streaming.recipes import load_recipe
+
+    with pytest.raises(ValueError, match="two experts .* run FastVideo's warped Self-Forcing schedule"):
+        load_recipe(T2V).replace(warp=False)
+    with pytest.raises(ValueError, match="schedule 'lingbot_fast'"):
+        load_recipe(T2V).replace(schedule="lingbot_fast")
+
+
+# ---------------------------------------------------------------------------------------------------
+# `wm-jax serve`'s world: a 1-frame first chunk, two experts, save and restore.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_the_live_world_streams_saves_and_restores_a_two_expert_model(experts, tmp_path):
+    from wm_jax.models.wan import ExpertPair
+    from wm_jax.serve.world import LiveWorld
+    from wm_jax.streaming.components import Components
+    from wm_jax.streaming.recipes import load_recipe
+
+    from wm_jax.models.wan_vae import WanVAE, WanVAEConfig
+    from wm_jax.streaming.decoders import wan_vae_decoder
+
+    high, low, text = experts
+    recipe = load_recipe(T2V).replace(total_blocks=6, **ENGINE_SHAPE)
+    vae = WanVAE(WanVAEConfig(dim=8, num_res_blocks=1), rngs=nnx.Rngs(0))  # a real streaming decoder state
+    parts = Components(dit=ExpertPair(high, low, BOUNDARY), decoder=wan_vae_decoder(vae), vae_encoder=None,
+                       encode_prompt=lambda prompt: text, description={})
+    world = LiveWorld(recipe, plan_of(recipe), parts, prompt="a road", image=None, intrinsics=None, seed=0)
+    world.reset()
+    frames = [world.next_chunk()[0].shape[0] for _ in range(2)]
+    assert frames == [1, 12]  # the 1-frame first chunk, then 3 latent frames
+    world.save(tmp_path / "world")
+    after_save = [np.asarray(world.next_chunk()[0]) for _ in range(2)]
+    world.restore(tmp_path / "world")
+    assert all(int(c.committed_frames) == 4 for c in world.rollout.step.per_expert(world.rollout.state.cache))
+    again = [np.asarray(world.next_chunk()[0]) for _ in range(2)]
+    for ours, ref in zip(again, after_save):
+        np.testing.assert_array_equal(ours, ref)

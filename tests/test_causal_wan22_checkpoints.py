@@ -94,7 +94,12 @@ def test_diffusers_expert_pair_converts_every_key_of_both_experts(pipeline_folde
 def test_a_folder_missing_one_expert_names_it(tmp_path):
     diffusers_pipeline_folder(tmp_path / "only_high", seeds=(1,), experts=("transformer",))
     index = json.loads((tmp_path / "only_high" / "model_index.json").read_text())
-    (tmp_path / "only_high" / "model_index.json").write_text(json.dumps({**index, "transformer_2": [None, None]}))
+    assert not wan_dit.is_expert_folder(tmp_path / "only_high")  # a one-transformer pipeline (e.g. Wan2.1)
+    for unused in ([None, None], None):  # how diffusers lists a component the pipeline does not have
+        (tmp_path / "only_high" / "model_index.json").write_text(json.dumps({**index, "transformer_2": unused}))
+        assert not wan_dit.is_expert_folder(tmp_path / "only_high")
+    (tmp_path / "only_high" / "model_index.json").write_text(
+        json.dumps({**index, "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
     with pytest.raises(CheckpointError, match=r"has transformer/ but no transformer_2/, the low-noise expert"):
         wan_dit.convert_experts(tmp_path / "only_high", tmp_path / "a", open_fn=open_source)
     diffusers_pipeline_folder(tmp_path / "only_low", seeds=(2,), experts=("transformer_2",))
@@ -148,7 +153,9 @@ def test_causal_wan22_recipe_from_the_hub(slug, repo, frames, options, stand_in_
     checkpoint = with_shared_components(stand_in_hub, tmp_path / "ckpt")
     report = run(RunOptions(slug=slug, checkpoint=str(checkpoint), output_dir=str(tmp_path / "out"), prompt=PROMPT,
                             **options))
-    assert hub.calls == [(repo, recipe.weights["dit"].allow_patterns)] and hub.unmatched == []
+    # the scheduler and model index first (checked before the experts download), then everything
+    assert hub.calls == [(repo, ("scheduler/*", "model_index.json")), (repo, recipe.weights["dit"].allow_patterns)]
+    assert hub.unmatched == []
     manifest = ckpt.read_manifest(checkpoint / "dit", kind=wan_dit.EXPERTS_KIND)
     assert manifest["scheduler"]["shift"] == 8.0
     config = report["config"]
@@ -170,3 +177,28 @@ def test_a_single_dit_folder_is_refused_for_a_two_expert_recipe(stand_in_hub, pi
     with pytest.raises(CheckpointError, match=rf"holds a 'wan_dit' checkpoint; recipe {T2V} needs two experts"):
         run(RunOptions(slug=T2V, checkpoint=str(checkpoint), output_dir=str(tmp_path / "out"), random_weights=False,
                        pixel_height=32, pixel_width=32))
+
+
+def test_a_bad_scheduler_on_the_hub_is_refused_before_the_experts_download(stand_in_hub, expert_repos, tmp_path,
+                                                                          monkeypatch):
+    bad = tmp_path / "scheduler_config.json"
+    bad.write_text(json.dumps({**SCHEDULER, "extra_one_step": False}))
+    repos = {**stand_in_hub["repos"], T2V_REPO: {**expert_repos[T2V_REPO], "scheduler/scheduler_config.json": bad}}
+    recipe = tiny(T2V)
+    hub = hub_for({**stand_in_hub, "repos": repos}, {T2V: recipe}, tmp_path, monkeypatch)
+    checkpoint = with_shared_components(stand_in_hub, tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="extra_one_step False; wm_jax builds the table with extra_one_step"):
+        run(RunOptions(slug=T2V, checkpoint=str(checkpoint), output_dir=str(tmp_path / "out"), prompt=PROMPT))
+    assert hub.calls == [(T2V_REPO, ("scheduler/*", "model_index.json"))]  # the experts were never fetched
+    assert not (checkpoint / "dit").exists()
+
+
+def test_convert_path_takes_an_expert_folder_and_a_boundary_only_there(pipeline_folder, tmp_path):
+    import converters
+
+    src, _ = pipeline_folder
+    manifest = converters.convert_path(src, tmp_path / "pair", boundary=0.9)
+    assert manifest["kind"] == wan_dit.EXPERTS_KIND and manifest["boundary"] == 0.9
+    with pytest.raises(CheckpointError, match="a boundary applies to two-expert folders only"):
+        converters.convert_path(src / "transformer", tmp_path / "one", boundary=0.9)
+    assert converters.convert_path(src / "transformer", tmp_path / "one")["kind"] == wan_dit.KIND

@@ -113,9 +113,7 @@ def _convert_main(argv):
         overrides["num_heads"] = FLAGS.num_heads
 
     import converters
-    from converters import wan_dit
     from wm_jax.io.hub import HubError, download
-    from wm_jax.io.tensor_sources import open_source
 
     src = Path(FLAGS.src) if FLAGS.src else None
     if FLAGS.hub_repo:
@@ -130,14 +128,9 @@ def _convert_main(argv):
         src = root / src if src else root
     _stage(f"converting {src} into {FLAGS.dst}")
     progress = _Progress()
-    options = dict(overwrite=FLAGS.overwrite, dtype=FLAGS.dtype, config_overrides=overrides, on_tensor=progress)
-    if wan_dit.is_expert_folder(src):
-        open_fn = lambda p: open_source(p, allow_pickle=FLAGS.allow_pickle,
-                                        prefer_entries=converters.PREFERRED_ENTRIES)
-        manifest = wan_dit.convert_experts(src, FLAGS.dst, open_fn=open_fn, boundary=FLAGS.boundary, **options)
-    else:
-        manifest = converters.convert_path(src, FLAGS.dst, kind=FLAGS.kind, allow_pickle=FLAGS.allow_pickle,
-                                           **options)
+    manifest = converters.convert_path(src, FLAGS.dst, kind=FLAGS.kind, allow_pickle=FLAGS.allow_pickle,
+                                       boundary=FLAGS.boundary, overwrite=FLAGS.overwrite, dtype=FLAGS.dtype,
+                                       config_overrides=overrides, on_tensor=progress)
     print(f"converted {src} -> {FLAGS.dst} ({manifest['kind']}, {progress.count} tensors)")
     print("config: " + ", ".join(f"{k}={v}" for k, v in manifest["config"].items() if v is not None))
 
@@ -598,6 +591,12 @@ def _schedule_words(recipe, steps=None) -> str:
     return f"{len(t.t)} pass{'es' if len(t.t) != 1 else ''} at t = {values}"
 
 
+def _expert_words(recipe) -> str:
+    high, low = recipe.step_schedule().expert_passes
+    return (f"; two experts: {high} high-noise passes (t >= {recipe.boundary * 1000:g}), then {low} low-noise; the "
+            "checkpoint's scheduler shift replaces this one")
+
+
 def _recipe_help(slug: str, command: str) -> str:
     """The recipe's defaults by topic (flags override them)."""
     import importlib
@@ -622,11 +621,13 @@ def _recipe_help(slug: str, command: str) -> str:
     rows = [
         ("video", f"{recipe.pixel_height}x{recipe.pixel_width} pixels at {recipe.fps} fps; "
                   + ("endless, chunks" if command == "serve" else f"{recipe.total_blocks} chunks (total_blocks)")
-                  + f" of {recipe.chunk_frames} latent frames"),
+                  + f" of {recipe.chunk_frames} latent frames"
+                  + (f" (the first: {recipe.first_frames})" if recipe.first_frames != recipe.chunk_frames else "")),
         ("task", TASKS.get(recipe.task, recipe.task)),
         ("model", f"{model}; decoder {recipe.decoder}"),
         ("denoising", f"{recipe.schedule} schedule, shift {recipe.shift:g}, {_schedule_words(recipe)}"
-                      + (f" (first chunk: {_schedule_words(recipe, first)})" if first else "")),
+                      + (f" (first chunk: {_schedule_words(recipe, first)})" if first else "")
+                      + (_expert_words(recipe) if recipe.boundary is not None else "")),
         ("cache", cache),
         ("seed", str(recipe.seed)),
         ("prompt", textwrap.shorten(recipe.prompt or "(none)", 80, placeholder=" ...")),

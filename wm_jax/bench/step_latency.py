@@ -298,7 +298,7 @@ def our_forward(step: StreamingStep, plan: RolloutPlan, cfg: WanConfig, opts: Be
 
     @jax.jit
     def forward(params, x, t, text, y):
-        return nnx.merge(step.graphdef, step.per_expert(params)[0])(x, t, text, y=y)
+        return nnx.merge(step.graphdefs[0], step.per_expert(params)[0])(x, t, text, y=y)
 
     start = time.perf_counter()
     compiled = forward.lower(step.params, x, t, text, y).compile()

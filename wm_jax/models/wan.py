@@ -492,7 +492,8 @@ class WanModel(nnx.Module):
 @dataclass
 class ExpertPair:
     """Two Wan DiTs of one architecture switched by timestep (Wan2.2 A14B, LingBot base, FastVideo's causal
-    Wan2.2): the high-noise expert while t >= boundary·1000, else the low-noise one."""
+    Wan2.2): the high-noise expert while t >= boundary·1000, else the low-noise one. (Not frozen: setting
+    `attention_impl` sets both experts'.)"""
 
     high_noise: WanModel
     low_noise: WanModel

@@ -63,11 +63,11 @@ def replay_blocks(model: WanModel, schedules: BlockSchedules, context: np.ndarra
                   *, chunk_frames: int, sink_frames: int | None, ring_frames: int, given: np.ndarray | None = None,
                   num_devices: int | None = None, steps: dict | None = None) -> list[np.ndarray]:
     """Streams a rollout with recorded noise and per-block schedules, as `WorldRollout` does: the given
-    latents (whole chunks, e.g. an I2V image latent) are committed first without denoising, then generated
-    block b runs `schedules.for_block(b)` against the cache and is committed.
+    latents (one chunk of their own, e.g. an I2V image latent) are committed first without denoising, then
+    generated block b runs `schedules.for_block(b)` against the cache and is committed.
 
     Args (channels-last, batch first): block_noise: one [k_b, B, chunk, H, W, C] per generated block (its
-    initial noise, then one draw per later pass); given: [B, n·chunk, H, W, C] or None.
+    initial noise, then one draw per later pass); given: [B, chunk, H, W, C] or None.
     steps: a dict the calls for one `model` share: their `StreamingStep`s by cache layout and chunk shape, so
     rollouts that differ only in schedules, noise or given latents reuse the compiled programs.
     Returns the x0 of every generated block, [B, chunk, H, W, C].
@@ -76,7 +76,7 @@ def replay_blocks(model: WanModel, schedules: BlockSchedules, context: np.ndarra
     prefix = 0 if given is None else given.shape[1]
     plan = RolloutPlan.create(model.config, make_mesh(num_devices), pixel_height=h * VAE_STRIDE[1],
                               pixel_width=w * VAE_STRIDE[2], chunk_frames=chunk_frames,
-                              total_blocks=prefix // chunk_frames + len(block_noise), sink_frames=sink_frames,
+                              total_blocks=(1 if prefix else 0) + len(block_noise), sink_frames=sink_frames,
                               ring_frames=ring_frames, batch=b, prefix_frames=prefix)
     steps = {} if steps is None else steps
     key = (plan.cache, plan.chunk_shape, plan.num_devices)
@@ -88,7 +88,7 @@ def replay_blocks(model: WanModel, schedules: BlockSchedules, context: np.ndarra
     for c in range(plan.total_blocks):
         block = plan.block_index(c)
         if block < 0:
-            x0 = step.whole(given[:, c * chunk_frames:(c + 1) * chunk_frames])
+            x0 = step.whole(given)
         else:
             schedule = schedules.for_block(block)
             x0 = step.denoise(step.params, cache, cross_kv, step.whole(block_noise[block]), inputs,

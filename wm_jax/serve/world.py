@@ -108,7 +108,7 @@ class LiveWorld:
         index = self.rollout.state.chunk_index
         consumed, self.pending_actions = self.pending_actions, []
         frame_poses = self.controls.advance(self.plan.chunk_pixel_frames(index))
-        return chunk_latent_poses(frame_poses, index, self.plan.chunk_frames), consumed
+        return chunk_latent_poses(frame_poses, index, self.plan.frames_of(index)), consumed
 
     def generate(self, latent_poses: np.ndarray, consumed: list[int]) -> tuple[np.ndarray, ChunkInfo]:
         """One AR step at these latent poses: (frames uint8 [T, H, W, 3], info). The device work."""

@@ -9,6 +9,7 @@ from the checkpoint's scheduler config (`Components.shift`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from wm_jax.io.safetensors_io import CheckpointError
@@ -116,7 +118,6 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
     import converters
     from converters import wan_dit
     from wm_jax.io.hub import HubError, download
-    from wm_jax.io.tensor_sources import open_source
 
     if (folder / "wm_jax.json").is_file():
         return folder
@@ -129,16 +130,18 @@ def ensure_component(name: str, folder: Path, hub: HubFiles | None, *, allow_pic
     if hub.allow_pickle and not allow_pickle:
         raise CheckpointError(f"{name}: {hub.repo}/{hub.path} is a torch pickle; pass {{allow_pickle}} to convert it "
                               f"(or convert it yourself with `wm-jax convert ... {{dst}} {folder}`)")
+    if experts:  # the scheduler is checked before the experts (tens of GB) are fetched
+        small = tuple(p for p in hub.allow_patterns if not p.startswith(wan_dit.DIFFUSERS_EXPERT_DIRS))
+        root = download(hub.repo, small, cache_dir=cache_dir)
+        wan_dit.read_scheduler(root / hub.path if hub.path else root)
     root = download(hub.repo, hub.allow_patterns, cache_dir=cache_dir)
     src = root / hub.path if hub.path else root
     if not src.exists():
         raise HubError(f"{hub.repo}: the download (files {list(hub.allow_patterns)}) has no {hub.path!r}, the {name} "
                        f"weights this recipe converts")
     if experts:
-        wan_dit.convert_experts(src, folder, open_fn=lambda p: open_source(
-            p, allow_pickle=allow_pickle, prefer_entries=converters.PREFERRED_ENTRIES))
-    else:
-        converters.convert_path(src, folder, kind=COMPONENT_KINDS[name], allow_pickle=allow_pickle)
+        wan_dit.expert_sources(src, required=True)  # a one-DiT download is refused, naming the missing expert
+    converters.convert_path(src, folder, kind=COMPONENT_KINDS[name], allow_pickle=allow_pickle)
     return folder
 
 
@@ -173,7 +176,7 @@ def dit_config(recipe: Recipe, checkpoint_dir: str | Path | None) -> WanConfig:
         if manifest.get("kind") != kind:
             needs = "two experts" if recipe.boundary is not None else "one DiT"
             raise CheckpointError(f"{folder}: holds a {manifest.get('kind')!r} checkpoint; recipe {recipe.slug} "
-                                  f"needs {needs} ({kind!r}): convert {'both experts' if recipe.boundary else 'one'} "
+                                  f"needs {needs} ({kind!r}): convert {'both experts' if recipe.boundary is not None else 'one'} "
                                   "there, or use another {checkpoint}")
         return WanConfig.from_dict(manifest["config"])
     return model_config(recipe)
@@ -238,10 +241,15 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
     shardings = flat_param_shardings(abstract, rules, mesh)
     shift = None
     if experts:
-        dit = wan_dit.load_experts(folder["dit"], compute_dtype=compute_dtype, shardings=shardings)
-        dit.boundary = recipe.boundary  # the sampler's (FastVideo's boundary_ratio), not the architecture's default
-        scheduler = ckpt.read_manifest(folder["dit"]).get("scheduler")
-        shift = None if scheduler is None else scheduler["shift"]
+        for name in wan_dit.EXPERT_DIRS:
+            wan_dit.check_frames_per_block(folder["dit"] / name, recipe.chunk_frames, recipe.slug)
+        manifest = ckpt.read_manifest(folder["dit"])
+        if manifest["boundary"] != recipe.boundary:  # the recipe's schedule decides which expert runs a pass
+            logging.warning("%s records boundary %s; recipe %s switches experts at %s (its sampler's)",
+                            folder["dit"], manifest["boundary"], recipe.slug, recipe.boundary)
+        dit = dataclasses.replace(wan_dit.load_experts(folder["dit"], compute_dtype=compute_dtype,
+                                                       shardings=shardings), boundary=recipe.boundary)
+        shift = None if manifest["scheduler"] is None else manifest["scheduler"]["shift"]
     else:
         wan_dit.check_frames_per_block(folder["dit"], recipe.chunk_frames, recipe.slug)
         dit = wan_dit.load(folder["dit"], compute_dtype=compute_dtype, shardings=shardings)

@@ -253,9 +253,9 @@ class WorldRollout:
         return frames_to_uint8(local_replica(frames), self.decoder.value_range)[0]
 
     def _compile(self, inputs: ChunkInputs) -> None:
-        """Compiles, ahead of time for this rollout's shapes, one denoise program per (pass count of the block
-        schedules, length of a generated chunk) (the schedule is an input of the program, placed once here)
-        and one commit program per chunk length. `inputs`: chunk 0's conditioning, whose leaves are
+        """Compiles, ahead of time for this rollout's shapes, one denoise program per (pass count, chunk length)
+        that a generated block runs (the schedule is an input of the program, placed once here) and one commit
+        program per chunk length. `inputs`: chunk 0's conditioning, whose leaves are
         [B, F, ...]; every other shape comes from the plan.
 
         Every later step calls these executables: a shape that changed would be an error, never a
@@ -266,17 +266,19 @@ class WorldRollout:
         spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=step.replicated)
         with_frames = lambda frames: jax.tree.map(
             lambda a: spec((a.shape[0], frames, *a.shape[2:]), a.dtype), inputs)
-        generated = sorted({plan.frames_of(c) for c in range(plan.prefix_chunks, min(plan.total_blocks,
-                                                                                     plan.prefix_chunks + 2))})
+        # generated blocks 0 and 1 cover every (schedule, chunk length) pair: later blocks repeat block 1's
+        needed = {}
+        for chunk in range(plan.prefix_chunks, min(plan.total_blocks, plan.prefix_chunks + 2)):
+            schedule = self.schedules.for_block(plan.block_index(chunk))
+            needed[schedule.num_steps, plan.frames_of(chunk)] = schedule
         denoise, commit = {}, {}
-        for passes, schedule in self.schedules.by_passes.items():
+        for (passes, frames), schedule in needed.items():
             placed = step.whole(schedule)
-            for frames in generated:
-                shape = (plan.batch, frames, *plan.chunk_shape[2:])
-                self._noise(step.whole(np.int32(0)), passes, shape)  # compiles this shape's draws
-                denoise[passes, frames] = (step.denoise.lower(
-                    step.params, s.cache, s.cross_kv, spec((passes, *shape), self.noise_dtype), with_frames(frames),
-                    placed).compile(), placed)
+            shape = (plan.batch, frames, *plan.chunk_shape[2:])
+            self._noise(step.whole(np.int32(0)), passes, shape)  # compiles this shape's draws
+            denoise[passes, frames] = (step.denoise.lower(
+                step.params, s.cache, s.cross_kv, spec((passes, *shape), self.noise_dtype), with_frames(frames),
+                placed).compile(), placed)
         for frames in plan.chunk_frame_counts:
             x0_spec = spec((plan.batch, frames, *plan.chunk_shape[2:]), jnp.float32)
             commit[frames] = step.commit.lower(step.params, s.cache, s.cross_kv, x0_spec, with_frames(frames)).compile()

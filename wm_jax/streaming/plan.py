@@ -59,6 +59,7 @@ class RolloutPlan:
     latent_channels: int
     condition_channels: int
     chunk_frames: int
+    first_chunk_frames: int
     total_blocks: int
     cache: CacheLayout
     mesh: Mesh
@@ -67,11 +68,6 @@ class RolloutPlan:
     batch: int = 1
     vae_stride: tuple[int, int, int] = VAE_STRIDE
     prefix_frames: int = 0
-    first_chunk_frames: int = 0  # 0: chunk_frames (set by create)
-
-    def __post_init__(self):
-        if not self.first_chunk_frames:
-            object.__setattr__(self, "first_chunk_frames", self.chunk_frames)
 
     @classmethod
     def create(cls, model: WanConfig, mesh: Mesh, *, pixel_height: int, pixel_width: int, chunk_frames: int,
@@ -127,18 +123,21 @@ class RolloutPlan:
                             model.num_heads, shards.padded_heads, 100 * (1 - model.num_heads / shards.padded_heads),
                             unpadded_device_counts(model.num_heads, mesh.size))
         return cls(pixel_height, pixel_width, latent_h, latent_w, model.out_dim, model.in_dim - model.out_dim,
-                   chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride, prefix_frames,
-                   first_chunk_frames)
+                   chunk_frames, first_chunk_frames, total_blocks, cache, mesh, rules, shards, batch, vae_stride,
+                   prefix_frames)
 
     @classmethod
     def for_recipe(cls, recipe, model: WanConfig, mesh: Mesh, rules: ShardingRules | None = None) -> RolloutPlan:
         """The plan of a `Recipe` (its options already applied) for `model` on `mesh`."""
         sink_frames, ring_frames = recipe.cache_frames()
-        first = recipe.first_chunk_frames or recipe.chunk_frames
+        first = recipe.first_frames
         if recipe.prefix_frames not in (0, first):
             raise ValueError(f"recipe {recipe.slug}: task {recipe.task} commits the image latent as a chunk of its "
                              f"own, which needs a 1-frame first chunk (chunk_frames 1 or first_chunk_frames 1, not "
                              f"{first})")
+        if first != recipe.chunk_frames and recipe.task == "i2v_camera":
+            raise ValueError(f"recipe {recipe.slug}: a first chunk of {first} frames (not {recipe.chunk_frames}) with "
+                             "camera conditioning is not wired (the pose and I2V streams take whole chunks)")
         return cls.create(model, mesh, pixel_height=recipe.pixel_height, pixel_width=recipe.pixel_width,
                           chunk_frames=recipe.chunk_frames, total_blocks=recipe.total_blocks,
                           sink_frames=sink_frames, ring_frames=ring_frames, rules=rules,

@@ -109,8 +109,18 @@ class Recipe:
     decoder_config: dict = field(default_factory=dict)
     vae_config: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.boundary is not None and (self.schedule != "self_forcing" or not self.warp):
+            raise ValueError(f"recipe {self.slug}: two experts (boundary {self.boundary}) run FastVideo's warped "
+                             f"Self-Forcing schedule, not schedule {self.schedule!r} with warp {self.warp}")
+
     def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def first_frames(self) -> int:
+        """Latent frames of the first AR step."""
+        return self.first_chunk_frames or self.chunk_frames
 
     def step_schedule(self, steps=None) -> StepSchedule:
         """The schedule of `steps` (default: the recipe's list, which every block after the first runs)."""

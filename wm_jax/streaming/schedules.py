@@ -89,11 +89,6 @@ class BlockSchedules:
             raise ValueError(f"block {block}: generated blocks count from 0")
         return self.first if block == 0 and self.first is not None else self.rest
 
-    @property
-    def by_passes(self) -> dict[int, StepSchedule]:
-        """Pass count -> its schedule: one compiled denoise program each."""
-        return {s.num_steps: s for s in (self.rest, self.first) if s is not None}
-
 
 def self_forcing_schedule(shift: float = 5.0, steps=(1000, 750, 500, 250), warp: bool = True) -> StepSchedule:
     """Self-Forcing / CausVid / Causal-Forcing: 1000-entry shifted table σ_j = warp(linspace(1, 0, 1001)[j]),

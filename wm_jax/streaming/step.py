@@ -1,22 +1,24 @@
 """The per-chunk step: denoise k passes against the frozen cache, then commit the clean chunk.
 
     x ← ε₀
-    for pass i:   v ← net(x, t_i; cache read-only);   x0 ← x − σ^x0_i · v
-                  x ← (1 − σ^next_i) · x0 + σ^next_i · ε_{i+1}        (fresh noise; skipped after the last)
-    emit x0;  commit: net(x0, t = 0) writes the chunk's clean K/V into the cache
+    for pass i:   v ← net(x, t_i; cache read-only);   p ← x − flow_i · v
+                  x ← signal_i · p + noise_i · ε_{i+1}                 (fresh noise; unused after the last)
+    emit p of the last pass (x0);  commit: net(x0, t = 0) writes the chunk's clean K/V into the cache
 
-A two-expert model (`ExpertPair`, FastVideo's causal Wan2.2) runs the schedule's high-noise passes on the
-high-noise expert against its own cache, then the low-noise passes on the other expert against its cache
-(the update scales of `wm_jax.streaming.schedules` hold the boundary rule); both experts attend to the
-text K/V the high-noise expert projects, and the commit runs both, each writing its own cache. Params
-and cache are then pairs (high, low); every signature stays the same.
+For one network p is x0 and the next input is x0 re-noised to the next σ (flow = σ_i, signal = 1 − σ_{i+1},
+noise = σ_{i+1}: `wm_jax.streaming.schedules`). A two-expert model (`ExpertPair`, FastVideo's causal
+Wan2.2) runs the schedule's high-noise passes on the high-noise expert against its own cache, then the
+low-noise passes on the other expert against its cache (the scales hold the boundary rule); both experts
+attend to the text K/V the high-noise expert projects, and the commit runs both, each writing its own
+cache. Params and cache are then pairs (high, low); every signature stays the same.
 
-`StreamingStep` compiles two programs per (model, plan): `denoise` (all k passes, one `lax.scan`) and
-`commit` (cache donated, updated in place). The chunk index never changes a shape: the RoPE offset and
-the valid cache length are traced values, so the growth phase and the steady state share both programs.
-The schedule (t, σ per pass) is an input of `denoise` too, so a program depends on the number of passes
-only: a recipe whose first block runs a longer list (Causal-Forcing++) compiles one denoise program per
-distinct pass count, never one per block. Called without a schedule, `denoise` runs the step's own.
+`StreamingStep` compiles two programs per (model, plan, chunk length): `denoise` (all k passes, one
+`lax.scan` per expert) and `commit` (cache donated, updated in place). The chunk index never changes a
+shape: the RoPE offset and the valid cache length are traced values, so the growth phase and the steady
+state share both programs. The schedule's per-pass values are an input of `denoise` too, so a program
+depends on the number of passes (and their split between experts) only: a recipe whose first block runs a
+longer list (Causal-Forcing++) compiles one denoise program per distinct pass count, never one per block.
+Called without a schedule, `denoise` runs the step's own.
 
 Both run under `shard_map` over the plan's mesh with every operand in the sharding table's placement
 (`wm_jax.parallel.sharding`): for Ulysses, weights, latents, noise and conditioning are whole on every
@@ -87,7 +89,9 @@ class StreamingStep:
         experts = model.experts if self.paired else (model,)
         split = [nnx.split(expert) for expert in experts]
         self.graphdefs = tuple(graphdef for graphdef, _ in split)
-        self.graphdef = self.graphdefs[0]
+        if len(schedule.expert_passes) != len(experts):
+            raise ValueError(f"the schedule splits its passes over {len(schedule.expert_passes)} expert(s); the model "
+                             f"has {len(experts)}")
         self.schedule = schedule
         self.plan = plan
         self.layout = plan.cache

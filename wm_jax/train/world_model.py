@@ -73,6 +73,8 @@ def loss_fn(hparams: WorldModelTraining, geometry: ClipGeometry, layout: CacheLa
     cf = layout.chunk_frames
     mask = jnp.asarray(token_mask(teacher_forcing_mask(layout, num_frames), layout.tokens_per_frame))
     t_table = jnp.asarray(schedule.t, jnp.float32)
+    if schedule.expert_passes != (schedule.num_steps,):
+        raise ValueError("training takes a one-network schedule (its flow scales are the σ of each step)")
     sigma_table = jnp.asarray(schedule.flow_scale, jnp.float32)
 
     def loss(model: WanModel, key: jax.Array):
