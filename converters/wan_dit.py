@@ -441,12 +441,13 @@ def convert_experts(src: str | Path, dst: str | Path, *, open_fn, overwrite: boo
 
 
 def load_experts(folder: str | Path, *, shardings: Mapping[str, jax.sharding.Sharding] | None = None,
-                 **load_kwargs):
-    """Loads a converted expert pair as `ExpertPair` (high-noise expert while t >= boundary·1000), each expert
-    restored straight into `shardings` (one expert's flat shardings, used for both)."""
+                 boundary: float | None = None, **load_kwargs):
+    """Loads a converted expert pair as `ExpertPair` (high-noise expert while t >= boundary·1000; `boundary`
+    None = the one recorded at conversion), each expert restored straight into `shardings` (one expert's flat
+    shardings, used for both)."""
     from wm_jax.models.wan import ExpertPair
 
     manifest = ckpt.read_manifest(folder, kind=EXPERTS_KIND)
     folder = Path(folder)
     high, low = (load(folder / name, shardings=shardings, **load_kwargs) for name in EXPERT_DIRS)
-    return ExpertPair(high_noise=high, low_noise=low, boundary=manifest["boundary"])
+    return ExpertPair(high_noise=high, low_noise=low, boundary=manifest["boundary"] if boundary is None else boundary)

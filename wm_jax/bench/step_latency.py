@@ -398,15 +398,14 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
 
     noise_fn = jax.jit(lambda key, i, shape: chunk_noise(key, i, k, shape, jnp.float32), static_argnums=2,
                        out_shardings=step.replicated)
-    frame_counts = plan.chunk_frame_counts  # chunk 0 may be shorter (causal Wan2.2): programs per length
-    cond_sets = {}
-    for frames in frame_counts:
+    cond_sets = {}  # chunk 0 may be shorter (causal Wan2.2): programs and conditioning per chunk length
+    for chunk in plan.distinct_chunks:
+        frames, grid = plan.frames_of(chunk), plan.chunk_shape_of(chunk)[:4]
         cond_sets[frames] = []
         for s in range(2):  # random conditioning, rotated between chunks
             ks = jax.random.split(jax.random.fold_in(key, 100 + s), 2)
-            y = (jax.random.normal(ks[0], (1, frames, lat_h, lat_w, plan.condition_channels), jnp.float32)
-                 if i2v else None)
-            cam = (jax.random.normal(ks[1], (1, frames, lat_h, lat_w, cfg.camera_channels), jnp.float32)
+            y = jax.random.normal(ks[0], (*grid, plan.condition_channels), jnp.float32) if i2v else None
+            cam = (jax.random.normal(ks[1], (*grid, cfg.camera_channels), jnp.float32)
                    if cfg.camera_channels else None)
             cond_sets[frames].append(step.whole(ChunkInputs(y=y, camera=cam)))
 
@@ -424,8 +423,8 @@ def our_rollout(opts: BenchOptions, recipe: Recipe, cfg: WanConfig, plan: Rollou
 
     # ---- compile ahead of time, like the engine: one denoise and one commit per chunk length ------
     denoise, commit, denoise_compile_s, commit_compile_s = {}, {}, 0.0, 0.0
-    for frames in frame_counts:
-        shape = (1, frames, lat_h, lat_w, plan.latent_channels)
+    for chunk in plan.distinct_chunks:
+        frames, shape = plan.frames_of(chunk), plan.chunk_shape_of(chunk)
         noise0 = block(noise_fn(key, 0, shape))
         start = time.perf_counter()
         denoise[frames] = step.denoise.lower(step.params, cache_spec, cross, noise0, cond_sets[frames][0]).compile()

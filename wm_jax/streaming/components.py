@@ -9,7 +9,6 @@ from the checkpoint's scheduler config (`Components.shift`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,8 +246,8 @@ def load_components(recipe: Recipe, plan: RolloutPlan, checkpoint_dir: str | Pat
         if manifest["boundary"] != recipe.boundary:  # the recipe's schedule decides which expert runs a pass
             logging.warning("%s records boundary %s; recipe %s switches experts at %s (its sampler's)",
                             folder["dit"], manifest["boundary"], recipe.slug, recipe.boundary)
-        dit = dataclasses.replace(wan_dit.load_experts(folder["dit"], compute_dtype=compute_dtype,
-                                                       shardings=shardings), boundary=recipe.boundary)
+        dit = wan_dit.load_experts(folder["dit"], compute_dtype=compute_dtype, shardings=shardings,
+                                   boundary=recipe.boundary)
         shift = None if manifest["scheduler"] is None else manifest["scheduler"]["shift"]
     else:
         wan_dit.check_frames_per_block(folder["dit"], recipe.chunk_frames, recipe.slug)

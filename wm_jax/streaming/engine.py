@@ -270,17 +270,18 @@ class WorldRollout:
         needed = {}
         for chunk in range(plan.prefix_chunks, min(plan.total_blocks, plan.prefix_chunks + 2)):
             schedule = self.schedules.for_block(plan.block_index(chunk))
-            needed[schedule.num_steps, plan.frames_of(chunk)] = schedule
+            needed[schedule.num_steps, plan.frames_of(chunk)] = schedule, chunk
         denoise, commit = {}, {}
-        for (passes, frames), schedule in needed.items():
+        for (passes, frames), (schedule, chunk) in needed.items():
             placed = step.whole(schedule)
-            shape = (plan.batch, frames, *plan.chunk_shape[2:])
+            shape = plan.chunk_shape_of(chunk)
             self._noise(step.whole(np.int32(0)), passes, shape)  # compiles this shape's draws
             denoise[passes, frames] = (step.denoise.lower(
                 step.params, s.cache, s.cross_kv, spec((passes, *shape), self.noise_dtype), with_frames(frames),
                 placed).compile(), placed)
-        for frames in plan.chunk_frame_counts:
-            x0_spec = spec((plan.batch, frames, *plan.chunk_shape[2:]), jnp.float32)
+        for chunk in plan.distinct_chunks:
+            frames = plan.frames_of(chunk)
+            x0_spec = spec(plan.chunk_shape_of(chunk), jnp.float32)
             commit[frames] = step.commit.lower(step.params, s.cache, s.cross_kv, x0_spec, with_frames(frames)).compile()
         self._denoise, self._commit = DenoisePrograms(denoise), CommitPrograms(commit)
         self.compile_seconds = time.perf_counter() - start

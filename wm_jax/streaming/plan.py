@@ -162,9 +162,10 @@ class RolloutPlan:
         return 0 if chunk_index == 0 else self.first_chunk_frames + (chunk_index - 1) * self.chunk_frames
 
     @property
-    def chunk_frame_counts(self) -> tuple[int, ...]:
-        """The distinct chunk lengths of the rollout (chunk 0's first): one compiled shape each."""
-        return tuple(dict.fromkeys(self.frames_of(i) for i in range(min(self.total_blocks, 2))))
+    def distinct_chunks(self) -> tuple[int, ...]:
+        """One chunk index per distinct chunk length (chunk 0, then chunk 1 where it is longer): the chunks whose
+        shapes the compiled programs take."""
+        return (0,) if self.total_blocks == 1 or self.first_chunk_frames == self.chunk_frames else (0, 1)
 
     @property
     def prefix_chunks(self) -> int:

@@ -124,7 +124,7 @@ class Recipe:
 
     def step_schedule(self, steps=None) -> StepSchedule:
         """The schedule of `steps` (default: the recipe's list, which every block after the first runs)."""
-        if self.schedule == "self_forcing" and self.boundary is not None:
+        if self.boundary is not None:  # a Self-Forcing schedule (__post_init__)
             return boundary_schedule(self.shift, self.steps if steps is None else steps, self.boundary)
         if self.schedule == "self_forcing":
             return self_forcing_schedule(self.shift, self.steps if steps is None else steps, warp=self.warp)

@@ -90,6 +90,11 @@ class BlockSchedules:
         return self.first if block == 0 and self.first is not None else self.rest
 
 
+def self_forcing_sigmas(shift: float) -> np.ndarray:
+    """Self-Forcing's 1000-entry scheduler table (float64): σ_j = warp(linspace(1, 0, 1001)[j]), t_j = 1000σ_j."""
+    return shift_warp(np.linspace(1.0, 0.0, 1001)[:-1], shift)
+
+
 def self_forcing_schedule(shift: float = 5.0, steps=(1000, 750, 500, 250), warp: bool = True) -> StepSchedule:
     """Self-Forcing / CausVid / Causal-Forcing: 1000-entry shifted table σ_j = warp(linspace(1, 0, 1001)[j]),
     t_j = 1000σ_j (float). Default shift 5 (Self-Forcing's and Causal-Forcing's CLI configs); demo.py,
@@ -98,7 +103,7 @@ def self_forcing_schedule(shift: float = 5.0, steps=(1000, 750, 500, 250), warp:
     warp True: step s maps to table index 1000 − s (s = 0 to the appended t = σ = 0). warp False (CausVid's
     released 3-step model): the network sees the raw step as t, and σ is the table's σ at the entry whose
     t is nearest (upstream's argmin lookup), for x0 and for re-noising towards the next step alike."""
-    sigmas = shift_warp(np.linspace(1.0, 0.0, 1001)[:-1], shift)
+    sigmas = self_forcing_sigmas(shift)
     steps = np.asarray(steps, np.float64)
     if warp:
         index = 1000 - steps.astype(np.int64)
@@ -120,7 +125,7 @@ def boundary_schedule(shift: float, steps, boundary: float) -> StepSchedule:
     passes are the usual x0 / re-noise ones (module docstring). At shift 5 the default 8-step list gives
     t = 1000, 965.9, 921.05 (high) and 859.4, 729.2, 654.8, 555.6, 416.7 (low)."""
     base = self_forcing_schedule(shift, steps)
-    table = shift_warp(np.linspace(1.0, 0.0, 1001)[:-1], shift)
+    table = self_forcing_sigmas(shift)
     sigma_b = table[np.abs(table * 1000.0 - boundary * 1000.0).argmin()]
     t = base.t
     if np.any(np.diff(t) > 0):

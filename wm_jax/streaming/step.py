@@ -89,9 +89,7 @@ class StreamingStep:
         experts = model.experts if self.paired else (model,)
         split = [nnx.split(expert) for expert in experts]
         self.graphdefs = tuple(graphdef for graphdef, _ in split)
-        if len(schedule.expert_passes) != len(experts):
-            raise ValueError(f"the schedule splits its passes over {len(schedule.expert_passes)} expert(s); the model "
-                             f"has {len(experts)}")
+        self._check_split(schedule)
         self.schedule = schedule
         self.plan = plan
         self.layout = plan.cache
@@ -122,6 +120,11 @@ class StreamingStep:
         self._cross_kv = jax.jit(self._compute_cross_kv, out_shardings=self.cross_kv_sharding)
         self._init_cache = jax.jit(self._empty_cache, static_argnums=0, out_shardings=self.cache_sharding)
         self.replicated = replicated(mesh)
+
+    def _check_split(self, schedule: StepSchedule) -> None:
+        if len(schedule.expert_passes) != len(self.graphdefs):
+            raise ValueError(f"the schedule splits its passes over {len(schedule.expert_passes)} expert(s); the model "
+                             f"has {len(self.graphdefs)}")
 
     def _pack(self, per_expert: list):
         """Per-expert trees -> the step's form: the tree itself for one model, a tuple for a pair."""
@@ -170,9 +173,7 @@ class StreamingStep:
         each expert's share on that expert. The cache is only read."""
         if noise.shape[0] != s.num_steps:
             raise ValueError(f"noise holds {noise.shape[0]} draws for a schedule of {s.num_steps} passes")
-        if len(s.expert_passes) != len(self.graphdefs):
-            raise ValueError(f"the schedule splits its passes over {len(s.expert_passes)} expert(s); the model has "
-                             f"{len(self.graphdefs)}")
+        self._check_split(s)
         eps_next = jnp.roll(noise, -1, axis=0)  # pass i re-noises with draw i+1 (the last one is unused)
         per_pass = (jnp.asarray(s.t), jnp.asarray(s.flow_scale), jnp.asarray(s.signal_scale),
                     jnp.asarray(s.noise_scale), eps_next)
